@@ -1,0 +1,80 @@
+"""Measurements of models: parameters, MACs (``torch.utils.flop_counter``), sparsity, latency."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameter elements (a parameter shared by several modules counts once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@contextlib.contextmanager
+def mac_counter() -> Iterator[Callable[[], int]]:
+    """Count multiply-accumulates of the code inside the block; call the yielded function after.
+
+    MACs are ``torch.utils.flop_counter``'s FLOPs / 2 (it counts matmuls and convolutions,
+    not element-wise ops).
+    """
+    mode = FlopCounterMode(display=False)
+    with mode:
+        yield lambda: mode.get_total_flops() // 2
+
+
+def count_macs(module: nn.Module, example_inputs: tuple) -> int:
+    """MACs of one forward pass of ``module`` on ``example_inputs`` (no gradients)."""
+    with torch.no_grad(), mac_counter() as macs:
+        module(*example_inputs)
+    return macs()
+
+
+@contextlib.contextmanager
+def sparsity_probe(module: nn.Module) -> Iterator[dict[str, float]]:
+    """Record the fraction of exact zeros in the output of every hard state-compression module.
+
+    Yields a dict (qualified module name -> zero fraction of the last forward) that fills as the
+    model runs inside the block.
+    """
+    from .nn import StateCompression
+
+    found: dict[str, float] = {}
+    handles = []
+    for name, m in module.named_modules():
+        if isinstance(m, StateCompression) and m.hard:
+
+            def hook(_m, _inp, out, name=name):
+                found[name] = float((out == 0).float().mean()) if out.numel() else 0.0
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def measure_sparsity(module: nn.Module, example_inputs: tuple) -> dict[str, float]:
+    """Zero fraction produced by each hard CSC module on one forward of ``example_inputs``."""
+    with torch.no_grad(), sparsity_probe(module) as found:
+        module(*example_inputs)
+    return dict(found)
+
+
+def median_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,133 @@
+"""``qci``: insert an interface gate (QCI) after every wide Linear / Conv call site."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from ..nn import InterfaceGate
+from .base import Pass, PassOutcome, option, register
+from .graph_utils import insert_module_after
+
+_FUNCTIONAL_LINEAR = {F.linear, torch._C._nn.linear}
+_FUNCTIONAL_CONV = {
+    F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+    torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
+    F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3,
+}  # fmt: skip
+
+
+def gate_site(m: nn.Module) -> tuple[int, int, int] | None:
+    """``(width, channel_dim, spatial_dims)`` of a Linear/Conv module's output, else None."""
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        return None
+    if isinstance(m, nn.Linear):
+        return m.out_features, -1, 0
+    if isinstance(m, _ConvNd):
+        return m.out_channels, 1, len(m.kernel_size)
+    return None
+
+
+@register
+@dataclass(frozen=True)
+class QCI(Pass):
+    """Insert an interface gate (QCI) after every Linear/Conv whose output width > ``min_width``.
+
+    One gate per call site (a module called twice gets two gates). Functional ``F.linear`` /
+    ``F.conv*d`` calls are gated when their output width is known from shape propagation;
+    otherwise they are skipped and listed in the report, as are leaf modules that hide
+    Linear/Conv layers inside them (e.g. ``nn.MultiheadAttention``). Original weights are never
+    touched. With ``init=identity`` the model's outputs stay bit-for-bit equal.
+    """
+
+    name = "qci"
+    summary = "insert interface gates (QCI) after wide Linear/Conv layers"
+
+    min_width: int = option("gate layers whose output width is greater than this (the seed's rule: 10)", default=10)
+    init: Literal["identity", "seed"] = option("identity: gate starts as the exact identity; seed: the seed's random projector", default="identity")
+    rank: int | None = option("projector I + U V^T of this rank (2·r·d parameters); full: d×d as in the seed", default=None, aliases={"full": None})
+    beta: float = option("initial gate temperature beta (seed: 1.0)", default=1.0)
+    seed: int = option("random seed of the gates' initialisation", default=0)
+
+    def __post_init__(self):
+        if self.min_width < 0:
+            raise ValueError(f"min_width must be >= 0, got {self.min_width}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1 or full, got {self.rank}")
+
+    @property
+    def preserves_function(self) -> bool:
+        return self.init == "identity"
+
+    def call(self, gm: GraphModule) -> PassOutcome:
+        gen = torch.Generator().manual_seed(self.seed)
+        notes: list[str] = []
+        gates = narrow = 0
+        for node in list(gm.graph.nodes):
+            site = self._site(gm, node, notes)
+            if site is None:
+                continue
+            width, channel_dim, spatial, ref = site
+            if width <= self.min_width:
+                narrow += 1
+                continue
+            gate = InterfaceGate(width, channel_dim, spatial, self.init, self.rank, self.beta, generator=gen, device=ref.device, dtype=ref.dtype)
+            base = f"{node.target}_qci" if node.op == "call_module" else f"qci_{node.name}"
+            insert_module_after(gm, node, gate, base)
+            gates += 1
+        return PassOutcome(gm, gates > 0, notes, {"gates": gates, "narrow_sites_skipped": narrow})
+
+    def _site(self, gm: GraphModule, node: Node, notes: list[str]):
+        """(width, channel_dim, spatial_dims, reference tensor) for a gateable node, else None."""
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            site = gate_site(m)
+            if site is None:
+                if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+                    notes.append(f"skipped '{node.name}': lazy module {type(m).__name__} is not initialised")
+                else:
+                    self._note_hidden(m, node, notes)
+                return None
+            width, channel_dim, spatial = site
+            shape = _shape(node)
+            if channel_dim == 1 and shape is not None and len(shape) == spatial + 1:
+                notes.append(f"skipped '{node.name}': unbatched convolution input (no batch axis)")
+                return None
+            return width, channel_dim, spatial, m.weight
+        if node.op == "call_function" and (node.target in _FUNCTIONAL_LINEAR or node.target in _FUNCTIONAL_CONV):
+            spatial = _FUNCTIONAL_CONV.get(node.target, 0)
+            channel_dim = 1 if spatial else -1
+            shape = _shape(node)
+            if shape is None:
+                notes.append(f"skipped functional call '{node.name}' ({node.target.__name__}): output width unknown without example inputs")
+                return None
+            if spatial and len(shape) == spatial + 1:
+                notes.append(f"skipped functional call '{node.name}': unbatched convolution input")
+                return None
+            device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+            ref = torch.empty(0, dtype=node.meta["tensor_meta"].dtype, device=device)
+            return shape[channel_dim], channel_dim, spatial, ref
+        return None
+
+    def _note_hidden(self, m: nn.Module, node: Node, notes: list[str]) -> None:
+        hidden = [name for name, sub in m.named_modules() if sub is not m and (s := gate_site(sub)) and s[0] > self.min_width]
+        if isinstance(m, nn.MultiheadAttention):
+            hidden = ["in_proj", *hidden]
+        if hidden:
+            notes.append(
+                f"not gated: leaf module '{node.target}' ({type(m).__name__}) holds {len(hidden)} wide projection(s) "
+                f"({', '.join(hidden[:3])}{'…' if len(hidden) > 3 else ''}) that are not call sites of the graph"
+            )
+
+
+def _shape(node: Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None

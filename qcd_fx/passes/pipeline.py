@@ -1,0 +1,351 @@
+"""The pipeline: run passes in order and verify the graph after every one of them.
+
+After each pass: ``graph.lint()``, ``recompile()``, shape propagation on the example inputs
+(``node.meta["tensor_meta"]``, as ``torch.fx.passes.shape_prop.ShapeProp`` records it), output
+structure and shapes against the untransformed model, finiteness, MACs
+(``torch.utils.flop_counter``) and the numerical drift of the outputs. A pass that declares
+:attr:`~qcd_fx.passes.base.Pass.preserves_function` must leave the outputs bit-for-bit equal;
+a violation raises :class:`~qcd_fx.errors.PostconditionError` naming the pass and the first
+node whose value changed.
+
+Verification runs in eval mode (no dropout, BatchNorm running statistics untouched) and under
+``torch.no_grad``; the module's training flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..analysis import count_params, mac_counter, sparsity_probe
+from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError
+from ..report import PassRow, Report, Snapshot
+from ..tracing import trace
+from .base import Pass, parse_spec
+
+
+class _Runner(Interpreter):
+    """Interpreter that records shape metadata like ``ShapeProp`` and remembers the failing node.
+
+    (``ShapeProp`` itself prints a traceback to stderr and re-raises a ``RuntimeError`` with the
+    whole ``meta`` dict in it; the pipeline needs the node's name and a quiet failure.)
+    With ``capture`` it keeps every node's tensor value, for locating drift.
+    """
+
+    def __init__(self, gm: GraphModule, capture: bool = False):
+        super().__init__(gm, garbage_collect_values=not capture)
+        self.values: dict[str, Any] | None = {} if capture else None
+
+    def run_node(self, n: Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            if not hasattr(e, "qcd_node"):  # innermost node first
+                e.qcd_node = n.name
+            raise
+        found = False
+
+        def meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        m = tree_map(meta, result)
+        if found:
+            n.meta["tensor_meta"] = m
+        n.meta["type"] = type(result)
+        if self.values is not None:
+            self.values[n.name] = result
+        return result
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+
+
+def _shape_str(inputs: Sequence[Any]) -> str:
+    return ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclass
+class _Run:
+    outputs: Any
+    macs: int
+    sparsity: dict[str, float]
+
+
+def _forward(gm: GraphModule, inputs: tuple, capture: bool = False) -> tuple[_Run, _Runner]:
+    runner = _Runner(gm, capture=capture)
+    with _eval_mode(gm), mac_counter() as macs, sparsity_probe(gm) as sparsity:
+        out = runner.run(*inputs)
+    return _Run(out, macs(), dict(sparsity)), runner
+
+
+def _node_values(module: nn.Module, inputs: tuple, leaf_modules: Iterable[str]) -> dict[str, Any]:
+    gm = module if isinstance(module, GraphModule) else trace(module, leaf_modules)
+    runner = _Runner(gm, capture=True)
+    with _eval_mode(gm):
+        runner.run(*inputs)
+    return runner.values or {}
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, lb = _tensor_leaves(a), _tensor_leaves(b)
+    return len(la) == len(lb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(la, lb))
+
+
+def _nonfinite(value: Any) -> bool:
+    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensor_leaves(value))
+
+
+@dataclass
+class TransformResult:
+    """What :func:`qcd_fx.transform` returns."""
+
+    graph_module: GraphModule
+    report: Report
+    pipeline: "Pipeline"
+
+
+class Pipeline:
+    """An ordered list of passes; ``Pipeline.parse(spec)`` builds one from a spec string."""
+
+    def __init__(self, passes: Iterable[Pass] = ()):
+        self.passes = tuple(passes)
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"Pipeline takes qcd_fx passes, got {type(p).__name__}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Pipeline":
+        return cls(parse_spec(spec))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.passes == other.passes
+
+    def __hash__(self) -> int:
+        return hash(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    def __str__(self) -> str:
+        return ",".join(p.spec() for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({list(self.passes)!r})"
+
+    def run(
+        self,
+        model: nn.Module,
+        example_inputs: Any = None,
+        *,
+        leaf_modules: Iterable[str] = (),
+        copy_model: bool = True,
+        tolerance: float = 0.0,
+        on_step: Callable[[str], None] | None = None,
+    ) -> TransformResult:
+        """Trace ``model`` (unless it is a GraphModule), run every pass, verify after each.
+
+        Args:
+            model: an ``nn.Module`` or ``GraphModule``. It is deep-copied first unless
+                ``copy_model=False``, so the caller's model and weights are never modified.
+            example_inputs: a tensor or tuple of positional inputs; without them only
+                ``lint``/``recompile`` are checked and the report has no MACs or drift.
+            leaf_modules: module names, globs or class names to keep opaque while tracing.
+            tolerance: allowed max-abs drift for function-preserving passes (default 0: exact).
+            on_step: called with a short description before each step (progress display).
+        """
+        step = on_step or (lambda _msg: None)
+        inputs = _as_inputs(example_inputs)
+        leaf_modules = tuple(leaf_modules)
+        original = model
+        step("tracing")
+        t0 = time.perf_counter()
+        if copy_model:
+            model = copy.deepcopy(model)
+        gm = trace(model, leaf_modules)
+        trace_seconds = time.perf_counter() - t0
+
+        reference = None
+        baseline_macs = None
+        if inputs is not None:
+            step("reference forward")
+            try:
+                base, _ = _forward(gm, inputs)
+            except QcdFxError:
+                raise
+            except Exception as e:
+                node = getattr(e, "qcd_node", None)
+                at = f" (at node '{node}')" if node else ""
+                raise InputShapeError(
+                    f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {_first_line(e)}"
+                ) from e
+            reference = base.outputs
+            baseline_macs = base.macs
+        report = Report(
+            model=type(original).__name__,
+            pipeline=str(self),
+            input_shapes=[list(t.shape) for t in inputs if isinstance(t, torch.Tensor)] if inputs else None,
+            baseline=Snapshot(len(gm.graph.nodes), count_params(gm), baseline_macs),
+            trace_seconds=trace_seconds,
+        )
+        for p in self.passes:
+            step(f"pass {p.spec()}")
+            before = {n.name for n in gm.graph.nodes}
+            t0 = time.perf_counter()
+            try:
+                result = p(gm)
+            except QcdFxError:
+                raise
+            except Exception as e:
+                raise PassError(p.name, f"failed with {type(e).__name__}: {_first_line(e)}") from e
+            seconds = time.perf_counter() - t0
+            if result is not None:
+                gm = result.graph_module
+            step(f"verify {p.spec()}")
+            t0 = time.perf_counter()
+            ref_values = (lambda: _node_values(original, inputs, leaf_modules)) if copy_model else None
+            run = self._verify(p, gm, inputs, reference, ref_values, tolerance)
+            verify_seconds = time.perf_counter() - t0
+            after = {n.name for n in gm.graph.nodes}
+            drift_abs = drift_rel = None
+            if run is not None:
+                drift_abs, drift_rel = _drift(run.outputs, reference)
+            row = PassRow(
+                name=p.name,
+                spec=p.spec(),
+                modified=bool(result.modified) if result is not None else True,
+                seconds=seconds,
+                verify_seconds=verify_seconds,
+                after=Snapshot(len(after), count_params(gm), run.macs if run else None),
+                nodes_added=len(after - before),
+                nodes_removed=len(before - after),
+                drift_abs=drift_abs,
+                drift_rel=drift_rel,
+                notes=list(getattr(result, "notes", [])),
+                stats=dict(getattr(result, "stats", {})),
+            )
+            if run is not None and run.sparsity:
+                row.stats["csc_sparsity"] = run.sparsity
+            report.passes.append(row)
+        return TransformResult(gm, report, self)
+
+    @staticmethod
+    def _verify(p: Pass, gm: GraphModule, inputs, reference, ref_values, tolerance) -> _Run | None:
+        try:
+            gm.graph.lint()
+        except Exception as e:
+            raise PostconditionError(p.name, f"graph.lint() failed: {_first_line(e)}") from e
+        try:
+            gm.recompile()
+        except Exception as e:
+            raise PostconditionError(p.name, f"recompile failed: {_first_line(e)}") from e
+        if inputs is None:
+            return None
+        try:
+            run, _ = _forward(gm, inputs)
+        except Exception as e:
+            node = getattr(e, "qcd_node", None)
+            raise PostconditionError(p.name, f"forward failed: {_first_line(e)}", node) from e
+        ref_leaves, new_leaves = _tensor_leaves(reference), _tensor_leaves(run.outputs)
+        if len(ref_leaves) != len(new_leaves):
+            raise PostconditionError(p.name, f"the model now returns {len(new_leaves)} tensors instead of {len(ref_leaves)}", "output")
+        for i, (r, n) in enumerate(zip(ref_leaves, new_leaves)):
+            if r.shape != n.shape:
+                raise PostconditionError(p.name, f"output {i} changed shape {tuple(r.shape)} -> {tuple(n.shape)}", "output")
+        if _nonfinite(run.outputs) and not _nonfinite(reference):
+            node = _first_node(gm, inputs, lambda name, v: _nonfinite(v))
+            raise PostconditionError(p.name, "outputs became non-finite (inf/nan)", node)
+        if p.preserves_function:
+            abs_drift, _ = _drift(run.outputs, reference)
+            if abs_drift > tolerance:
+                node = None
+                if ref_values is not None:
+                    values = ref_values()
+                    node = _first_node(gm, inputs, lambda name, v: name in values and not _same(v, values[name]))
+                raise PostconditionError(
+                    p.name, f"declared function-preserving but outputs drifted by {abs_drift:.3g} (tolerance {tolerance})", node
+                )
+        return run
+
+
+def _first_node(gm: GraphModule, inputs: tuple, bad: Callable[[str, Any], bool]) -> str | None:
+    """Name of the first node (in graph order) whose value satisfies ``bad``."""
+    runner = _Runner(gm, capture=True)
+    with _eval_mode(gm):
+        runner.run(*inputs)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.name in runner.values and bad(node.name, runner.values[node.name]):
+            return node.name
+    return None
+
+
+def _drift(outputs: Any, reference: Any) -> tuple[float, float]:
+    worst_abs, scale = 0.0, 0.0
+    for o, r in zip(_tensor_leaves(outputs), _tensor_leaves(reference)):
+        if not o.is_floating_point() or o.numel() == 0:
+            if not torch.equal(o, r):
+                worst_abs = float("inf")
+            continue
+        worst_abs = max(worst_abs, float((o.double() - r.double()).abs().max()))
+        scale = max(scale, float(r.double().abs().max()))
+    return worst_abs, (worst_abs / scale if scale > 0 else worst_abs)
+
+
+def _as_inputs(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
+
+
+def transform(model: nn.Module, passes: "str | Pipeline | Sequence[Pass]", example_inputs: Any = None, **kwargs) -> TransformResult:
+    """Trace ``model`` and run ``passes`` (spec string, :class:`Pipeline` or list of passes).
+
+    See :meth:`Pipeline.run` for the keyword arguments.
+    """
+    if isinstance(passes, str):
+        pipeline = Pipeline.parse(passes)
+    elif isinstance(passes, Pipeline):
+        pipeline = passes
+    else:
+        pipeline = Pipeline(passes)
+    return pipeline.run(model, example_inputs, **kwargs)

@@ -1,0 +1,117 @@
+"""The transform report: what each pass changed, as JSON and as a Rich table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Snapshot:
+    """Size of a GraphModule at one point of the pipeline."""
+
+    nodes: int
+    params: int
+    macs: int | None  # None when no example inputs were given
+
+
+@dataclass
+class PassRow:
+    """One pass of a pipeline run."""
+
+    name: str
+    spec: str
+    modified: bool
+    seconds: float  # the pass itself
+    verify_seconds: float  # lint, recompile, shape propagation and drift check after it
+    after: Snapshot
+    nodes_added: int
+    nodes_removed: int
+    drift_abs: float | None  # max |out - out_reference| over all outputs; None: not checked
+    drift_rel: float | None  # drift_abs / max |out_reference|
+    notes: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    model: str
+    pipeline: str
+    input_shapes: list[list[int]] | None
+    baseline: Snapshot
+    passes: list[PassRow] = field(default_factory=list)
+    trace_seconds: float = 0.0
+
+    @property
+    def final(self) -> Snapshot:
+        return self.passes[-1].after if self.passes else self.baseline
+
+    @property
+    def pass_seconds(self) -> float:
+        """Time spent in the passes themselves (no verification forwards)."""
+        return sum(r.seconds for r in self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["final"] = dataclasses.asdict(self.final)
+        d["pass_seconds"] = self.pass_seconds
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self):
+        """A ``rich.table.Table`` with one row per pass (plus the baseline)."""
+        from rich.markup import escape
+        from rich.table import Table
+
+        t = Table(title=escape(f"qcd-fx transform: {self.model}  [{self.pipeline}]"), title_justify="left")
+        for col in ("pass", "nodes +/-", "params", "MACs", "drift (max abs)", "pass s", "verify s"):
+            t.add_column(col, justify="left" if col == "pass" else "right")
+        b = self.baseline
+        t.add_row("(input)", str(b.nodes), _num(b.params), _num(b.macs), "", "", "")
+        prev = b
+        for r in self.passes:
+            a = r.after
+            t.add_row(
+                r.spec,
+                f"+{r.nodes_added}/-{r.nodes_removed}",
+                f"{_num(a.params)} {_pct(a.params, prev.params)}",
+                f"{_num(a.macs)} {_pct(a.macs, prev.macs)}",
+                "not checked" if r.drift_abs is None else f"{r.drift_abs:.3g}",
+                f"{r.seconds:.3f}",
+                f"{r.verify_seconds:.3f}",
+            )
+            prev = a
+        return t
+
+    def notes(self) -> list[str]:
+        return [f"{r.name}: {n}" for r in self.passes for n in r.notes]
+
+    def print(self, console=None, max_notes: int = 12) -> None:
+        from rich.console import Console
+
+        console = console or Console()
+        console.print(self.table())
+        notes = self.notes()
+        for n in notes[:max_notes]:
+            console.print(f"  note: {n}", markup=False, highlight=False)
+        if len(notes) > max_notes:
+            console.print(f"  … {len(notes) - max_notes} more notes in the JSON report (--report FILE.json)")
+
+
+def _num(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _pct(new: int | None, old: int | None) -> str:
+    if new is None or old in (None, 0) or new == old:
+        return ""
+    return f"({(new - old) / old:+.1%})"
