@@ -12,6 +12,7 @@ Public API::
 
 from . import measures, nn, passes
 from .errors import QcdFxError
+from .io import load, save
 from .passes import Pipeline, TransformResult, transform
 from .tracing import trace
 
@@ -21,6 +22,8 @@ __all__ = [
     "Pipeline",
     "QcdFxError",
     "TransformResult",
+    "load",
+    "save",
     "measures",
     "nn",
     "passes",

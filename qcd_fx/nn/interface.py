@@ -126,7 +126,7 @@ class InterfaceGate(nn.Module):  # QCI
             return eye + self.projector_delta
         return eye + self.projector_u @ self.projector_v.T
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Apply a (out, in) matrix along the feature axis: linear or 1x1 convolution."""
         if self.channel_dim == -1 or self.spatial_dims == 0:
             return F.linear(x, weight, bias)
@@ -135,10 +135,10 @@ class InterfaceGate(nn.Module):  # QCI
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rank is None:
-            delta = self._apply(x, self.projector_delta, self.projector_bias)
+            delta = self._project(x, self.projector_delta, self.projector_bias)
         else:
-            delta = self._apply(self._apply(x, self.projector_v.T, None), self.projector_u, self.projector_bias)
-        entropy = torch.sigmoid(self._apply(x, self.estimator_weight, self.estimator_bias))
+            delta = self._project(self._project(x, self.projector_v.T, None), self.projector_u, self.projector_bias)
+        entropy = torch.sigmoid(self._project(x, self.estimator_weight, self.estimator_bias))
         info = (x + delta).abs().mean(self.channel_dim, keepdim=True)
         gate = torch.sigmoid(self.beta * (info / (entropy + 1e-8)))
         return x + gate * delta

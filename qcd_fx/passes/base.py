@@ -106,7 +106,10 @@ def option_help(cls: type[Pass]) -> list[tuple[str, str, str, str]]:
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append((f.name, _type_name(hints[f.name]), _format_value(default), f.metadata.get("help", "")))
+        aliases = f.metadata.get("aliases", {})
+        shown = next((word for word, value in aliases.items() if value == default), _format_value(default))
+        type_name = _type_name(hints[f.name]) + "".join(f" | {word}" for word in aliases)
+        rows.append((f.name, type_name, shown, f.metadata.get("help", "")))
     return rows
 
 

@@ -69,9 +69,10 @@ class QCI(Pass):
     def call(self, gm: GraphModule) -> PassOutcome:
         gen = torch.Generator().manual_seed(self.seed)
         notes: list[str] = []
+        hidden: dict[str, list[tuple[str, list[str]]]] = {}
         gates = narrow = 0
         for node in list(gm.graph.nodes):
-            site = self._site(gm, node, notes)
+            site = self._site(gm, node, notes, hidden)
             if site is None:
                 continue
             width, channel_dim, spatial, ref = site
@@ -82,9 +83,16 @@ class QCI(Pass):
             base = f"{node.target}_qci" if node.op == "call_module" else f"qci_{node.name}"
             insert_module_after(gm, node, gate, base)
             gates += 1
+        for cls, found in hidden.items():
+            path, inner = found[0]
+            count = f"{len(found)} leaf modules" if len(found) > 1 else "leaf module"
+            notes.append(
+                f"not gated: {count} {cls} (e.g. '{path}') hold wide projections ({', '.join(inner[:3])}{'…' if len(inner) > 3 else ''}) "
+                "that are not call sites of the graph"
+            )
         return PassOutcome(gm, gates > 0, notes, {"gates": gates, "narrow_sites_skipped": narrow})
 
-    def _site(self, gm: GraphModule, node: Node, notes: list[str]):
+    def _site(self, gm: GraphModule, node: Node, notes: list[str], hidden: dict):
         """(width, channel_dim, spatial_dims, reference tensor) for a gateable node, else None."""
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
@@ -93,7 +101,9 @@ class QCI(Pass):
                 if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
                     notes.append(f"skipped '{node.name}': lazy module {type(m).__name__} is not initialised")
                 else:
-                    self._note_hidden(m, node, notes)
+                    inner = self._hidden_projections(m)
+                    if inner:
+                        hidden.setdefault(type(m).__name__, []).append((str(node.target), inner))
                 return None
             width, channel_dim, spatial = site
             shape = _shape(node)
@@ -116,15 +126,12 @@ class QCI(Pass):
             return shape[channel_dim], channel_dim, spatial, ref
         return None
 
-    def _note_hidden(self, m: nn.Module, node: Node, notes: list[str]) -> None:
+    def _hidden_projections(self, m: nn.Module) -> list[str]:
+        """Names of wide Linear/Conv layers inside a leaf module (invisible to the graph)."""
         hidden = [name for name, sub in m.named_modules() if sub is not m and (s := gate_site(sub)) and s[0] > self.min_width]
         if isinstance(m, nn.MultiheadAttention):
             hidden = ["in_proj", *hidden]
-        if hidden:
-            notes.append(
-                f"not gated: leaf module '{node.target}' ({type(m).__name__}) holds {len(hidden)} wide projection(s) "
-                f"({', '.join(hidden[:3])}{'…' if len(hidden) > 3 else ''}) that are not call sites of the graph"
-            )
+        return hidden
 
 
 def _shape(node: Node) -> tuple[int, ...] | None:

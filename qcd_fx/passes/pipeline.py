@@ -110,8 +110,15 @@ def _forward(gm: GraphModule, inputs: tuple, capture: bool = False) -> tuple[_Ru
     return _Run(out, macs(), dict(sparsity)), runner
 
 
-def _node_values(module: nn.Module, inputs: tuple, leaf_modules: Iterable[str]) -> dict[str, Any]:
-    gm = module if isinstance(module, GraphModule) else trace(module, leaf_modules)
+def _snapshot(gm: GraphModule) -> GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph that shares its modules (no weight copy)."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return GraphModule(gm, graph)
+
+
+def _node_values(gm: GraphModule, inputs: tuple) -> dict[str, Any]:
     runner = _Runner(gm, capture=True)
     with _eval_mode(gm):
         runner.run(*inputs)
@@ -199,7 +206,7 @@ class Pipeline:
         gm = trace(model, leaf_modules)
         trace_seconds = time.perf_counter() - t0
 
-        reference = None
+        reference = previous = None
         baseline_macs = None
         if inputs is not None:
             step("reference forward")
@@ -213,7 +220,7 @@ class Pipeline:
                 raise InputShapeError(
                     f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {_first_line(e)}"
                 ) from e
-            reference = base.outputs
+            reference = previous = base.outputs
             baseline_macs = base.macs
         report = Report(
             model=type(original).__name__,
@@ -225,6 +232,7 @@ class Pipeline:
         for p in self.passes:
             step(f"pass {p.spec()}")
             before = {n.name for n in gm.graph.nodes}
+            snapshot = _snapshot(gm) if p.preserves_function and inputs is not None else None
             t0 = time.perf_counter()
             try:
                 result = p(gm)
@@ -237,13 +245,13 @@ class Pipeline:
                 gm = result.graph_module
             step(f"verify {p.spec()}")
             t0 = time.perf_counter()
-            ref_values = (lambda: _node_values(original, inputs, leaf_modules)) if copy_model else None
-            run = self._verify(p, gm, inputs, reference, ref_values, tolerance)
+            run = self._verify(p, gm, inputs, previous, snapshot, tolerance)
             verify_seconds = time.perf_counter() - t0
             after = {n.name for n in gm.graph.nodes}
             drift_abs = drift_rel = None
             if run is not None:
                 drift_abs, drift_rel = _drift(run.outputs, reference)
+                previous = run.outputs
             row = PassRow(
                 name=p.name,
                 spec=p.spec(),
@@ -264,7 +272,9 @@ class Pipeline:
         return TransformResult(gm, report, self)
 
     @staticmethod
-    def _verify(p: Pass, gm: GraphModule, inputs, reference, ref_values, tolerance) -> _Run | None:
+    def _verify(p: Pass, gm: GraphModule, inputs, reference, snapshot, tolerance) -> _Run | None:
+        """Check ``gm`` after pass ``p``; ``reference``: the outputs before ``p``; ``snapshot``:
+        the graph before ``p`` (only for function-preserving passes, to locate drift)."""
         try:
             gm.graph.lint()
         except Exception as e:
@@ -292,12 +302,15 @@ class Pipeline:
         if p.preserves_function:
             abs_drift, _ = _drift(run.outputs, reference)
             if abs_drift > tolerance:
-                node = None
-                if ref_values is not None:
-                    values = ref_values()
-                    node = _first_node(gm, inputs, lambda name, v: name in values and not _same(v, values[name]))
+                node, detail = None, ""
+                if snapshot is not None:
+                    values = _node_values(snapshot, inputs)
+                    changed = _first_node(gm, inputs, lambda name, v: name in values and not _same(v, values[name]))
+                    node = changed and _new_source(gm, changed, values)
+                    if node and node != changed:
+                        detail = f"; it changes the value of '{changed}'"
                 raise PostconditionError(
-                    p.name, f"declared function-preserving but outputs drifted by {abs_drift:.3g} (tolerance {tolerance})", node
+                    p.name, f"declared function-preserving but outputs drifted by {abs_drift:.3g} (tolerance {tolerance}){detail}", node
                 )
         return run
 
@@ -313,6 +326,24 @@ def _first_node(gm: GraphModule, inputs: tuple, bad: Callable[[str, Any], bool])
         if node.name in runner.values and bad(node.name, runner.values[node.name]):
             return node.name
     return None
+
+
+def _new_source(gm: GraphModule, name: str, original: dict) -> str:
+    """The first node the pass added on the way into node ``name`` (``name`` itself if none)."""
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    stack, seen = list(node.all_input_nodes), set()
+    added = []
+    while stack:
+        cur = stack.pop()
+        if cur.name in seen or cur.name in original:
+            continue
+        seen.add(cur.name)
+        added.append(cur)
+        stack.extend(cur.all_input_nodes)
+    if not added:
+        return name
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return min(added, key=order.__getitem__).name
 
 
 def _drift(outputs: Any, reference: Any) -> tuple[float, float]:

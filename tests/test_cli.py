@@ -1,0 +1,155 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import qcd_fx
+from qcd_fx.cli import app
+from qcd_fx.examples import digits_cnn
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user_models.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Branchy(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if x.sum() > 0:\n"
+        "            return x * 2\n"
+        "        return x\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(16, 32)\n"
+        "        self.gate = Branchy()\n"
+        "    def forward(self, x):\n"
+        "        return self.gate(self.fc(x))\n"
+        "def untraceable():\n"
+        "    return Net()\n"
+    )
+    return tmp_path
+
+
+def test_example_runs_and_writes_nothing(workdir):
+    result = run("transform", "--example")
+    assert result.exit_code == 0, result.stderr
+    assert "qci" in result.stdout and "csc" in result.stdout and "nothing written" in result.stdout
+    assert sorted(os.listdir(workdir)) == ["user_models.py"]
+
+
+def test_transform_writes_model_and_report(workdir):
+    result = run("transform", "torchvision:resnet18", "-s", "1,3,32,32", "-p", "qci{rank=8},csc", "-o", "out.pt", "--report", "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((workdir / "r.json").read_text())
+    assert report["model"] == "torchvision:resnet18" and [p["name"] for p in report["passes"]] == ["qci", "csc"]
+    gm = qcd_fx.load("out.pt")
+    assert gm(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    # the saved model is itself a valid MODEL for another transform
+    again = run("transform", "out.pt", "-s", "1,3,32,32", "-p", "csc{target=activations}", "--dry-run")
+    assert again.exit_code == 0, again.stderr
+
+
+def test_dry_run_writes_nothing(workdir):
+    result = run("transform", "--example", "-o", "o.pt", "--report", "r.json", "--dry-run")
+    assert result.exit_code == 0 and "dry run" in result.stdout
+    assert not (workdir / "o.pt").exists() and not (workdir / "r.json").exists()
+
+
+def test_existing_output_is_kept_unless_forced(workdir):
+    (workdir / "o.pt").write_text("precious")
+    one_line_error(run("transform", "--example", "-o", "o.pt"), 2, "exists; pass --force")
+    assert (workdir / "o.pt").read_text() == "precious"
+    assert run("transform", "--example", "-o", "o.pt", "--force").exit_code == 0
+    assert isinstance(qcd_fx.load("o.pt"), torch.fx.GraphModule)
+
+
+def test_output_paths_are_checked_before_work(workdir):
+    torch.save(qcd_fx.trace(digits_cnn()), "whole.pt")
+    one_line_error(run("transform", "whole.pt", "--trust-pickle", "-s", "1,1,8,8", "-o", "whole.pt", "--force"), 2, "is the input file")
+    one_line_error(run("transform", "--example", "-o", "missing/dir/o.pt"), 2, "does not exist; create it first")
+    one_line_error(run("transform", "--example", "-o", "o.onnx"), 2, "must end in .pt")
+
+
+def test_bad_model_sources(workdir):
+    one_line_error(run("transform", "nope.pt", "-s", "1,1,8,8"), 1, "'nope.pt' does not exist")
+    torch.save(digits_cnn().state_dict(), "sd.pt")
+    one_line_error(run("transform", "sd.pt", "-s", "1,1,8,8"), 1, "holds a state dict", "--weights")
+    (workdir / "junk.pt").write_bytes(b"\x00\x01 not a model")
+    one_line_error(run("transform", "junk.pt", "-s", "1,1,8,8"), 1, "junk.pt")
+    qcd_fx.io.save(qcd_fx.trace(digits_cnn()), "good.pt")
+    data = (workdir / "good.pt").read_bytes()
+    (workdir / "cut.pt").write_bytes(data[: len(data) // 3])
+    one_line_error(run("transform", "cut.pt", "-s", "1,1,8,8"), 1, "truncated or corrupt")
+    one_line_error(run("transform", "torchvision:resnet81"), 1, "did you mean 'resnet18'")
+    one_line_error(run("transform", "user_models:nothing", "-s", "1,16"), 1, "has no attribute 'nothing'")
+    one_line_error(run("transform"), 2, "missing MODEL")
+    one_line_error(run("transform", "user_models:untraceable", "--example"), 2, "either MODEL or --example")
+
+
+def test_pickled_models_need_trust(workdir):
+    torch.save(digits_cnn(), "whole.pt")
+    one_line_error(run("transform", "whole.pt", "-s", "1,1,8,8"), 1, "executes code from the file", "--trust-pickle")
+    assert run("transform", "whole.pt", "-s", "1,1,8,8", "--trust-pickle").exit_code == 0
+
+
+def test_untraceable_model_suggests_leaf(workdir):
+    one_line_error(
+        run("transform", "user_models:untraceable", "-s", "2,16"),
+        1,
+        "cannot trace Net: Python control flow",
+        "user_models.py:5",
+        "--leaf gate",
+    )
+    result = run("transform", "user_models:untraceable", "-s", "2,16", "--leaf", "gate")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_spec_and_shape_errors(workdir):
+    one_line_error(run("transform", "--example", "-p", "qcx"), 2, "unknown pass 'qcx' (did you mean 'qci'?)")
+    one_line_error(run("transform", "--example", "-p", "csc{alhpa=1}"), 2, "did you mean 'alpha'?")
+    one_line_error(run("transform", "--example", "-s", "1,3,8,8"), 1, "do not fit DigitsCNN", "expected input")
+    one_line_error(run("transform", "--example", "-s", "1,a,8"), 2, "not a comma-separated list of integers")
+    one_line_error(run("transform", "--example", "-s", "1,0,8"), 2, "must list positive sizes")
+    one_line_error(run("transform", "user_models:untraceable", "--leaf", "gate"), 2, "--input-shape is required")
+
+
+def test_debug_shows_the_exception(workdir):
+    with pytest.raises(qcd_fx.errors.PipelineSpecError):
+        runner.invoke(app, ["transform", "--example", "-p", "qcx", "--debug"], catch_exceptions=False)
+
+
+def test_passes_lists_every_pass_and_option():
+    result = run("passes")
+    assert result.exit_code == 0
+    for word in ("qci", "csc", "min_width", "rank", "alpha", "target", "[glob,...]"):
+        assert word in result.stdout
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed entry point, in a real subprocess: success and a one-line failure."""
+    ok = subprocess.run([sys.executable, "-m", "qcd_fx.cli", "transform", "--example", "-o", str(tmp_path / "e.pt")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "e.pt").exists()
+    bad = subprocess.run([sys.executable, "-m", "qcd_fx.cli", "transform", str(tmp_path / "absent.pt"), "-s", "1,1,8,8"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
