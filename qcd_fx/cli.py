@@ -86,7 +86,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def resolve_model(model: str | None, example: bool, weights: str | None, trust_pickle: bool, allow: list[str]):
-    """(module, display name, default input shape or None, source file or None)."""
+    """(module, display name, default input shapes or None, source file or None)."""
     from .io import load_model
 
     if example:
@@ -97,27 +97,29 @@ def resolve_model(model: str | None, example: bool, weights: str | None, trust_p
         import torch
 
         torch.manual_seed(0)
-        return digits_cnn(), "example:digits_cnn", DIGITS_INPUT_SHAPE, None
+        return digits_cnn(), "example:digits_cnn", [DIGITS_INPUT_SHAPE], None
     if not model:
         raise UsageError("missing MODEL (torchvision:NAME, package.module:factory or FILE.pt); or use --example")
+    from .io import INPUT_SHAPES_KEY
+
     module = load_model(model, weights=weights, trust_pickle=trust_pickle, allow=allow)
-    default_shape = None
+    default_shape = getattr(module, "meta", {}).get(INPUT_SHAPES_KEY)
     if model.startswith("torchvision:"):
         from .zoo import input_size
 
         size = input_size(model.split(":", 1)[1])
-        default_shape = (1, 3, size, size)
+        default_shape = [(1, 3, size, size)]
     source_file = model if os.path.exists(model) else None
     return module, model, default_shape, source_file
 
 
-def example_inputs(shapes: list[str], default: tuple[int, ...] | None, name: str):
+def example_inputs(shapes: list[str], default: list[tuple[int, ...]] | None, name: str):
     import torch
 
     if shapes:
         parsed = [parse_shape(s) for s in shapes]
-    elif default is not None:
-        parsed = [default]
+    elif default:
+        parsed = [tuple(s) for s in default]
     else:
         raise UsageError(f"--input-shape is required for {name} (e.g. --input-shape 1,3,224,224)")
     gen = torch.Generator().manual_seed(0)
@@ -182,7 +184,8 @@ def transform(
             f.write(result.report.to_json())
         out.print(f"report written to {report}")
     if output:
-        kind = io.save(result.graph_module, output, allow_pickle=pickle_ok)
+        shapes = [list(t.shape) for t in inputs]
+        kind = io.save(result.graph_module, output, allow_pickle=pickle_ok, input_shapes=shapes)
         note = "" if kind == "safe" else " (pickled: loading it needs --trust-pickle)"
         out.print(f"transformed model written to {output}{note}")
     elif not report:

@@ -242,16 +242,24 @@ def _first_line(e: BaseException) -> str:
 # GraphModule save / load
 
 
-def save(gm: GraphModule, path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+INPUT_SHAPES_KEY = "qcd_fx_input_shapes"
+"""``gm.meta`` key of the example input shapes a file was saved with (CLI default shapes)."""
+
+
+def save(gm: GraphModule, path: str | os.PathLike, *, allow_pickle: bool = False, input_shapes: list[list[int]] | None = None) -> str:
     """Save ``gm`` atomically in the qcd-fx GraphModule format; returns ``"safe"`` or ``"pickle"``.
 
-    Raises :class:`ModelLoadError`-free :class:`UsageError` naming what cannot be saved safely
-    unless ``allow_pickle`` (then the GraphModule is pickled with ``torch.save``).
+    ``input_shapes`` (example input shapes) are stored with the graph and restored as
+    ``gm.meta["qcd_fx_input_shapes"]`` on load, so the CLI needs no ``--input-shape`` for it.
+    Raises :class:`UsageError` naming what cannot be saved safely unless ``allow_pickle`` (then
+    the GraphModule is pickled with ``torch.save``).
     """
     if not isinstance(gm, GraphModule):
         raise TypeError(f"save expects a torch.fx.GraphModule, got {type(gm).__name__}")
     try:
         payload = _encode_graph_module(gm)
+        if input_shapes is not None:
+            payload["input_shapes"] = [[int(d) for d in shape] for shape in input_shapes]
         kind = "safe"
     except _Unsafe as e:
         if not allow_pickle:
@@ -282,7 +290,10 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
             raise ModelLoadError(f"model file {path!r} holds {_describe_obj(obj)}, not a torch.nn.Module")
         return obj
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _decode_graph_module(obj, path, (*DEFAULT_ALLOW, *allow))
+        gm = _decode_graph_module(obj, path, (*DEFAULT_ALLOW, *allow))
+        if obj.get("input_shapes"):
+            gm.meta[INPUT_SHAPES_KEY] = [tuple(s) for s in obj["input_shapes"]]
+        return gm
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(
             f"model file {path!r} holds a state dict ({len(obj)} tensors), not a model; "

@@ -65,8 +65,9 @@ def test_transform_writes_model_and_report(workdir):
     assert report["model"] == "torchvision:resnet18" and [p["name"] for p in report["passes"]] == ["qci", "csc"]
     gm = qcd_fx.load("out.pt")
     assert gm(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
-    # the saved model is itself a valid MODEL for another transform
-    again = run("transform", "out.pt", "-s", "1,3,32,32", "-p", "csc{target=activations}", "--dry-run")
+    assert gm.meta["qcd_fx_input_shapes"] == [(1, 3, 32, 32)]
+    # the saved model is itself a valid MODEL for another transform; it remembers its input shape
+    again = run("transform", "out.pt", "-p", "csc{target=activations}", "--dry-run")
     assert again.exit_code == 0, again.stderr
 
 
