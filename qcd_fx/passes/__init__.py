@@ -4,8 +4,10 @@ from .base import Pass, PassOutcome, option_help, parse_spec, register, registry
 from .compression import CSC
 from .interface import QCI
 from .pipeline import Pipeline, TransformResult, transform
+from .prune import CDGPrune
 
 __all__ = [
+    "CDGPrune",
     "CSC",
     "QCI",
     "Pass",

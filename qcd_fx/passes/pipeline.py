@@ -32,6 +32,7 @@ from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError
 from ..report import PassRow, Report, Snapshot
 from ..tracing import trace
 from .base import Pass, parse_spec
+from .prune import CALIBRATION_KEY
 
 
 class _Runner(Interpreter):
@@ -42,8 +43,9 @@ class _Runner(Interpreter):
     With ``capture`` it keeps every node's tensor value, for locating drift.
     """
 
-    def __init__(self, gm: GraphModule, capture: bool = False):
-        super().__init__(gm, garbage_collect_values=not capture)
+    def __init__(self, gm: GraphModule, capture: bool | set[str] = False):
+        super().__init__(gm, garbage_collect_values=True)
+        self.keep = capture if isinstance(capture, set) else None
         self.values: dict[str, Any] | None = {} if capture else None
 
     def run_node(self, n: Node) -> Any:
@@ -66,7 +68,7 @@ class _Runner(Interpreter):
         if found:
             n.meta["tensor_meta"] = m
         n.meta["type"] = type(result)
-        if self.values is not None:
+        if self.values is not None and (self.keep is None or n.name in self.keep):
             self.values[n.name] = result
         return result
 
@@ -182,6 +184,7 @@ class Pipeline:
         leaf_modules: Iterable[str] = (),
         copy_model: bool = True,
         tolerance: float = 0.0,
+        calibration: Iterable[Any] | None = None,
         on_step: Callable[[str], None] | None = None,
     ) -> TransformResult:
         """Trace ``model`` (unless it is a GraphModule), run every pass, verify after each.
@@ -193,6 +196,8 @@ class Pipeline:
                 ``lint``/``recompile`` are checked and the report has no MACs or drift.
             leaf_modules: module names, globs or class names to keep opaque while tracing.
             tolerance: allowed max-abs drift for function-preserving passes (default 0: exact).
+            calibration: batches (tensors or tuples of inputs) that data-driven passes such as
+                ``cdg-prune`` score channels on; default: the example inputs.
             on_step: called with a short description before each step (progress display).
         """
         step = on_step or (lambda _msg: None)
@@ -206,7 +211,7 @@ class Pipeline:
         gm = trace(model, leaf_modules)
         trace_seconds = time.perf_counter() - t0
 
-        reference = previous = None
+        reference = None
         baseline_macs = None
         if inputs is not None:
             step("reference forward")
@@ -220,7 +225,7 @@ class Pipeline:
                 raise InputShapeError(
                     f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {_first_line(e)}"
                 ) from e
-            reference = previous = base.outputs
+            reference = base.outputs
             baseline_macs = base.macs
         report = Report(
             model=type(original).__name__,
@@ -229,6 +234,16 @@ class Pipeline:
             baseline=Snapshot(len(gm.graph.nodes), count_params(gm), baseline_macs),
             trace_seconds=trace_seconds,
         )
+        calib = [_as_inputs(b) for b in calibration] if calibration is not None else ([inputs] if inputs else [])
+        gm.meta[CALIBRATION_KEY] = calib
+        try:
+            gm = self._run_passes(gm, inputs, reference, tolerance, report, step)
+        finally:
+            gm.meta.pop(CALIBRATION_KEY, None)
+        return TransformResult(gm, report, self)
+
+    def _run_passes(self, gm: GraphModule, inputs, reference, tolerance, report: Report, step) -> GraphModule:
+        previous = reference
         for p in self.passes:
             step(f"pass {p.spec()}")
             before = {n.name for n in gm.graph.nodes}
@@ -241,7 +256,8 @@ class Pipeline:
             except Exception as e:
                 raise PassError(p.name, f"failed with {type(e).__name__}: {_first_line(e)}") from e
             seconds = time.perf_counter() - t0
-            if result is not None:
+            if result is not None and result.graph_module is not gm:
+                result.graph_module.meta[CALIBRATION_KEY] = gm.meta.pop(CALIBRATION_KEY, None)
                 gm = result.graph_module
             step(f"verify {p.spec()}")
             t0 = time.perf_counter()
@@ -269,7 +285,7 @@ class Pipeline:
             if run is not None and run.sparsity:
                 row.stats["csc_sparsity"] = run.sparsity
             report.passes.append(row)
-        return TransformResult(gm, report, self)
+        return gm
 
     @staticmethod
     def _verify(p: Pass, gm: GraphModule, inputs, reference, snapshot, tolerance) -> _Run | None:

@@ -1,0 +1,1237 @@
+"""Channel-dependency analysis over an fx graph: which channels must be pruned together.
+
+Every channel of every prunable tensor dimension is an *atom* (an integer). Walking the graph in
+order with the shapes from shape propagation, each value gets a :class:`Chan` (the axis that
+carries channels and the atom of every position along it), a :class:`ParamRef` (the value *is* a
+parameter or buffer, possibly expanded or permuted), or ``None`` (no prunable structure). Small
+op rules then say how atoms relate:
+
+* Conv/Linear/Embedding start a new family of atoms on their output side (one per output
+  channel) and *bind* their input-side weight dimension to the input's atoms;
+* element-wise ops, norms, residual adds and ``cat`` on other axes *unify* atoms position by
+  position (a broadcast size-1 axis couples nothing), and a parameter that meets channels (a
+  class token, a layer scale, a positional embedding) is bound along that axis;
+* ``cat`` along the channel axis lays atoms side by side (offsets for free);
+* ``view``/``reshape``/``flatten``/``permute``/``transpose`` map atoms through the row-major
+  layout (flatten C·H·W repeats each atom H·W times; a split C -> (g, C/g) *ties* the atoms of
+  one column across the g rows, which makes channel shuffle a permutation of tied units);
+* depthwise convolutions unify input and output atoms (groups shrink with them); grouped
+  convolutions additionally tie the same local index across groups (groups stay);
+* ``nn.MultiheadAttention`` ties its internal projection dims to the residual width (the module
+  has one ``embed_dim``) and the same head dim across heads;
+* anything without a rule *freezes* the atoms it touches (never guess), and so do the model's
+  inputs and outputs, so no classifier — Linear or Conv — ever loses a class.
+
+Atoms that end up connected form a *unit* (channels removed together); families connected by
+units form a *group* (one ratio, one ranking). Frozen units (connected to atom 0) stay.
+The analysis also records every tensor dimension to slice, every module attribute and every
+graph constant (reshape sizes, ``normalized_shape``) to rewrite, keyed by the atoms they count.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.nn.modules.conv import _ConvNd
+
+FROZEN = 0
+
+
+@dataclass
+class Chan:
+    """Channels of a value: ``atoms[i]`` is the atom at position ``i`` of axis ``axis``."""
+
+    axis: int
+    atoms: np.ndarray
+
+
+@dataclass
+class ParamRef:
+    """A value that is a parameter/buffer ``name``; ``axes[i]`` = the tensor dim behind value axis i."""
+
+    name: str
+    axes: tuple[int | None, ...]
+
+
+Info = Chan | ParamRef | None | tuple
+
+
+@dataclass
+class AttrRewrite:
+    """Set ``module.attr`` from the kept count of ``atoms`` (``value(count)``)."""
+
+    module: str
+    attr: str
+    atoms: np.ndarray
+    value: Callable[[int], Any]
+
+
+@dataclass
+class ArgRewrite:
+    """Set a literal in ``node``'s args (``path`` into args) from the kept count of ``atoms``."""
+
+    node: str
+    path: tuple[int, ...]
+    atoms: np.ndarray
+    value: Callable[[int], Any]
+
+
+@dataclass
+class Group:
+    """Families of atoms connected by shared units: one ranking, one ratio."""
+
+    gid: int
+    families: list[int]
+    units: np.ndarray  # labels of the prunable units
+    frozen: bool  # some channels of the group are frozen
+    reasons: list[str] = field(default_factory=list)  # why channels are frozen
+
+
+@dataclass
+class Dependencies:
+    """Result of :func:`analyze`."""
+
+    num_atoms: int
+    labels: np.ndarray  # unit label per atom (0 = frozen)
+    family_of: np.ndarray  # family id per atom
+    families: list[str]  # family id -> description (e.g. "conv1.weight[0]")
+    bindings: dict[tuple[str, int], np.ndarray]  # (tensor name, dim) -> atoms per position
+    attr_rewrites: list[AttrRewrite]
+    arg_rewrites: list[ArgRewrite]
+    groups: list[Group]
+    producers: dict[str, Chan]  # node name -> channels it produces (for activation scoring)
+    aliases: dict[str, list[str]]  # canonical tensor name -> every name of that tensor
+
+    def kept_atoms(self, removed_units: np.ndarray) -> np.ndarray:
+        """Boolean keep mask per atom after removing ``removed_units`` (unit labels)."""
+        keep_unit = np.ones(self.num_atoms, dtype=bool)
+        keep_unit[removed_units] = False
+        return keep_unit[self.labels]
+
+
+class _Analyzer:
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.next_atom = 1  # atom 0 is FROZEN
+        self.family_starts: list[int] = []
+        self.families: list[str] = []
+        self.pairs_a: list[np.ndarray] = []
+        self.pairs_b: list[np.ndarray] = []
+        self.freezes: list[tuple[np.ndarray, str]] = []
+        self.bindings: dict[tuple[str, int], np.ndarray] = {}
+        self.pinned: dict[str, str] = {}
+        self.attr_rewrites: list[AttrRewrite] = []
+        self.arg_rewrites: list[ArgRewrite] = []
+        self.producers: dict[str, Chan] = {}
+        self.info: dict[Node, Info] = {}
+        self.canon: dict[str, str] = {}
+        self.aliases: dict[str, list[str]] = defaultdict(list)
+        self.tensors: dict[str, torch.Tensor] = {}
+        by_id: dict[int, str] = {}
+        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            first = by_id.setdefault(id(t), name)
+            self.canon[name] = first
+            self.aliases[first].append(name)
+            self.tensors[first] = t
+
+    # --- atoms -------------------------------------------------------------------------------
+
+    def new_atoms(self, n: int, label: str) -> np.ndarray:
+        start = self.next_atom
+        self.family_starts.append(start)
+        self.families.append(label)
+        self.next_atom += n
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.shape != b.shape:
+            raise AssertionError(f"cannot unify {a.shape} with {b.shape}")
+        self.pairs_a.append(np.asarray(a, dtype=np.int64).ravel())
+        self.pairs_b.append(np.asarray(b, dtype=np.int64).ravel())
+
+    def freeze(self, atoms: np.ndarray, reason: str) -> None:
+        if atoms.size:
+            self.freezes.append((np.asarray(atoms, dtype=np.int64).ravel(), reason))
+
+    def tie(self, atoms: np.ndarray, blocks: int) -> np.ndarray:
+        """Unify position j of every one of ``blocks`` equal blocks; return block 0's atoms."""
+        table = atoms.reshape(blocks, -1)
+        for b in range(1, blocks):
+            self.union(table[0], table[b])
+        return table[0]
+
+    def param_atoms(self, name: str, dim: int, label: str | None = None) -> np.ndarray:
+        """The atoms of tensor ``name`` along ``dim``: existing binding or a new family."""
+        name = self.canon.get(name, name)
+        key = (name, dim)
+        if key not in self.bindings:
+            n = self.tensors[name].shape[dim]
+            self.bindings[key] = self.new_atoms(n, label or f"{name}[{dim}]")
+        return self.bindings[key]
+
+    def bind(self, name: str, dim: int, atoms: np.ndarray) -> None:
+        name = self.canon.get(name, name)
+        t = self.tensors[name]
+        if t.shape[dim] != len(atoms):
+            self.freeze(atoms, f"{name} dim {dim} has {t.shape[dim]} entries for {len(atoms)} channels")
+            self.pin(name, f"{name} does not line up with its channels")
+            return
+        key = (name, dim)
+        if key in self.bindings:
+            self.union(self.bindings[key], atoms)
+        else:
+            self.bindings[key] = atoms
+
+    def pin(self, name: str, reason: str) -> None:
+        self.pinned.setdefault(self.canon.get(name, name), reason)
+
+    def freeze_info(self, info: Info, reason: str) -> None:
+        if isinstance(info, Chan):
+            self.freeze(info.atoms, reason)
+        elif isinstance(info, ParamRef):
+            self.pin(info.name, reason)
+        elif isinstance(info, (tuple, list)):
+            for i in info:
+                self.freeze_info(i, reason)
+
+    def rewrite_attr(self, module: str, attr: str, atoms: np.ndarray, value: Callable[[int], Any] = int) -> None:
+        self.attr_rewrites.append(AttrRewrite(module, attr, atoms, value))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def of(self, arg: Any) -> Info:
+        if isinstance(arg, Node):
+            return self.info.get(arg)
+        if isinstance(arg, (tuple, list)):
+            return tuple(self.of(a) for a in arg)
+        return None
+
+    @staticmethod
+    def shape(node_or_value: Any) -> tuple[int, ...] | None:
+        if not isinstance(node_or_value, Node):
+            return None
+        meta = node_or_value.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        return tuple(shape) if shape is not None else None
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            try:
+                self.info[node] = self.visit(node)
+            except _Unsupported as e:
+                why = f"{node.name}: {e}"
+                for arg in node.all_input_nodes:
+                    self.freeze_info(self.info.get(arg), why)
+                if node.op == "call_module":
+                    for tname, _ in self.gm.get_submodule(node.target).named_parameters():
+                        self.pin(f"{node.target}.{tname}", why)
+                    for tname, _ in self.gm.get_submodule(node.target).named_buffers():
+                        self.pin(f"{node.target}.{tname}", why)
+                self.info[node] = None
+
+    def visit(self, node: Node) -> Info:
+        if node.op == "placeholder":
+            return None
+        if node.op == "get_attr":
+            name = self.canon.get(node.target)
+            if name is None:
+                return None
+            return ParamRef(name, tuple(range(self.tensors[name].dim())))
+        if node.op == "output":
+            self.freeze_info(self.of(node.args[0]), "model output (its width never changes)")
+            return None
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            for cls in type(m).__mro__:
+                rule = MODULE_RULES.get(cls)
+                if rule is not None:
+                    return rule(self, node, m)
+            raise _Unsupported(f"no pruning rule for module {type(m).__name__}")
+        if node.op == "call_function":
+            rule = FUNCTION_RULES.get(node.target) or FUNCTION_RULES_BY_NAME.get(_qualname(node.target))
+            if rule is None and getattr(node.target, "__name__", "") in ELEMENTWISE_NAMES and getattr(node.target, "__module__", "") in ("_operator", "operator", "torch", "torch.nn.functional", "torch._C._nn", "math"):
+                rule = rule_elementwise
+            if rule is None:
+                raise _Unsupported(f"no pruning rule for {_qualname(node.target)}")
+            return rule(self, node)
+        if node.op == "call_method":
+            rule = METHOD_RULES.get(node.target)
+            if rule is None and node.target in ELEMENTWISE_NAMES:
+                rule = rule_elementwise
+            if rule is None:
+                raise _Unsupported(f"no pruning rule for method .{node.target}()")
+            return rule(self, node)
+        return None
+
+    # --- finish ----------------------------------------------------------------------------
+
+    def finish(self) -> Dependencies:
+        for (name, _dim), atoms in list(self.bindings.items()):
+            if name in self.pinned:
+                self.freeze(atoms, self.pinned[name])
+        n = self.next_atom
+        a = np.concatenate(self.pairs_a) if self.pairs_a else np.zeros(0, np.int64)
+        b = np.concatenate(self.pairs_b) if self.pairs_b else np.zeros(0, np.int64)
+        if self.freezes:
+            fa = np.concatenate([f for f, _ in self.freezes])
+            a = np.concatenate([a, fa])
+            b = np.concatenate([b, np.zeros_like(fa)])
+        labels = _components(n, a, b)
+        family_of = np.zeros(n, dtype=np.int64)
+        starts = np.array(self.family_starts + [n], dtype=np.int64)
+        for f in range(len(self.family_starts)):
+            family_of[starts[f] : starts[f + 1]] = f
+        family_of[0] = -1
+        # groups: families connected through shared units
+        fam_labels = _components(len(self.families), family_of[1:], family_of[labels[1:]].clip(min=0))
+        members: dict[int, list[int]] = defaultdict(list)
+        for f, g in enumerate(fam_labels):
+            members[int(g)].append(f)
+        reasons: dict[int, list[str]] = defaultdict(list)
+        for atoms, why in self.freezes:
+            for f in np.unique(family_of[atoms]):
+                if f >= 0 and why not in reasons[int(fam_labels[f])]:
+                    reasons[int(fam_labels[f])].append(why)
+        groups = []
+        for gid, (g, fams) in enumerate(sorted(members.items())):
+            atoms = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in fams])
+            unit_labels = np.unique(labels[atoms])
+            free = unit_labels[unit_labels != FROZEN]
+            groups.append(Group(gid, fams, free, bool((unit_labels == FROZEN).any()), reasons.get(g, [])))
+        return Dependencies(
+            num_atoms=n,
+            labels=labels,
+            family_of=family_of,
+            families=self.families,
+            bindings=self.bindings,
+            attr_rewrites=self.attr_rewrites,
+            arg_rewrites=self.arg_rewrites,
+            groups=groups,
+            producers=self.producers,
+            aliases=dict(self.aliases),
+        )
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` nodes with edges ``a[i]-b[i]``: smallest member per node."""
+    labels = np.arange(n, dtype=np.int64)
+    if len(a) == 0:
+        return labels
+    while True:
+        la, lb = labels[a], labels[b]
+        low = np.minimum(la, lb)
+        before = labels.copy()
+        np.minimum.at(labels, a, low)
+        np.minimum.at(labels, b, low)
+        while True:  # pointer jumping
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+        if np.array_equal(before, labels):
+            return labels
+
+
+class _Unsupported(Exception):
+    """No rule covers this node: its inputs are frozen and its module's tensors pinned."""
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', repr(fn))}"
+
+
+def analyze(gm: GraphModule) -> Dependencies:
+    """Channel dependencies of ``gm``; needs ``node.meta["tensor_meta"]`` (shape propagation)."""
+    an = _Analyzer(gm)
+    an.run()
+    return an.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _tensor_args(node: Node) -> list[Node]:
+    return [a for a in node.args if isinstance(a, Node)] + [v for v in node.kwargs.values() if isinstance(v, Node)]
+
+
+def _combine(an: _Analyzer, node: Node, operands: Sequence[Any], out_shape: tuple[int, ...] | None) -> Info:
+    """Broadcasting combination of operands (element-wise semantics)."""
+    if out_shape is None:
+        # non-tensor result (e.g. shape arithmetic): operands carry no channel meaning here
+        return None
+    rank = len(out_shape)
+    chans: list[tuple[int, np.ndarray]] = []
+    others: list[tuple[Any, tuple[int, ...]]] = []
+    params: list[ParamRef] = []
+    for op in operands:
+        if not isinstance(op, Node):
+            continue
+        info = an.info.get(op)
+        shape = an.shape(op)
+        if shape is None:
+            continue
+        offset = rank - len(shape)
+        if isinstance(info, Chan) and shape[info.axis] == out_shape[info.axis + offset] and shape[info.axis] > 1:
+            chans.append((info.axis + offset, info.atoms))
+        else:
+            others.append((op, shape))
+        if isinstance(info, ParamRef):
+            params.append(info)
+    if not chans:
+        if len(params) == 1 and len(others) == 1 and others[0][1] == out_shape:
+            return params[0]  # a parameter scaled by a number keeps its identity
+        for p in params:
+            an.pin(p.name, f"{node.name}: parameter combined with untracked values")
+        return None
+    axis, atoms = chans[0]
+    for ax, at in chans[1:]:
+        if ax != axis:
+            for _, at2 in chans:
+                an.freeze(at2, f"{node.name}: channels on two different axes")
+            return None
+        an.union(atoms, at)
+    for op, shape in others:
+        offset = rank - len(shape)
+        own = axis - offset
+        size = shape[own] if own >= 0 else 1
+        if size == 1:
+            continue
+        info = an.info.get(op)
+        if isinstance(info, ParamRef) and info.axes[own] is not None:
+            an.bind(info.name, info.axes[own], atoms)
+        else:
+            an.freeze(atoms, f"{node.name}: combined with a tensor whose channels are not tracked")
+    return Chan(axis, atoms)
+
+
+def rule_elementwise(an: _Analyzer, node: Node) -> Info:
+    ops = list(node.args) + list(node.kwargs.values())
+    return _combine(an, node, ops, an.shape(node))
+
+
+def rule_passthrough(an: _Analyzer, node: Node, *_: Any) -> Info:
+    """Shape-preserving op on its first input (activations, dropout, casts, contiguous…)."""
+    src = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    info = an.of(src)
+    if isinstance(info, (Chan, ParamRef)) and an.shape(src) == an.shape(node):
+        return info
+    if isinstance(info, Chan):
+        an.freeze(info.atoms, f"{node.name}: changes the shape")
+    return None
+
+
+def rule_spatial(an: _Analyzer, node: Node, *_: Any) -> Info:
+    """Pooling, padding-free resampling: keeps axes 0 and 1, changes the spatial axes."""
+    info = an.of(node.args[0])
+    out = an.shape(node)
+    if isinstance(info, Chan):
+        if info.axis == 1 and out is not None and len(out) > 1 and out[1] == len(info.atoms):
+            return info
+    an.freeze_info(info, f"{node.name}: pools over the channel axis")
+    return None
+
+
+def rule_pad(an: _Analyzer, node: Node) -> Info:
+    info = an.of(node.args[0])
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    shape = an.shape(node.args[0])
+    if isinstance(info, Chan) and shape is not None and isinstance(pad, (tuple, list)):
+        rank = len(shape)
+        touched = {rank - 1 - i // 2 for i, p in enumerate(pad) if not isinstance(p, int) or p != 0}
+        if info.axis not in touched:
+            return info
+        an.freeze(info.atoms, f"{node.name}: pads the channel axis")
+        return None
+    an.freeze_info(info, f"{node.name}: unknown padding")
+    return None
+
+
+def _module_tensor(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _conv(an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, groups: int, transposed: bool, x: Any, groups_arg: tuple[int, ...] | None = None) -> Info:
+    info = an.of(x)
+    in_shape = an.shape(x)
+    wt = an.tensors[an.canon[weight]]
+    label = path or node.name
+    if in_shape is None:
+        raise _Unsupported("convolution input shape unknown")
+    if isinstance(info, Chan) and info.axis != 1:
+        an.freeze(info.atoms, f"{node.name}: convolution over the channel axis")
+        info = None
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter convolved")
+        info = None
+    in_atoms = info.atoms if isinstance(info, Chan) else None
+    if transposed:
+        out_atoms = an.param_atoms(weight, 1, f"{label} (out channels)")
+        if groups != 1:
+            an.freeze(out_atoms, f"{node.name}: grouped transposed convolution")
+            if in_atoms is not None:
+                an.freeze(in_atoms, f"{node.name}: grouped transposed convolution")
+        elif in_atoms is not None:
+            an.bind(weight, 0, in_atoms)
+    elif groups == 1:
+        out_atoms = an.param_atoms(weight, 0, f"{label} (out channels)")
+        if in_atoms is not None:
+            an.bind(weight, 1, in_atoms)
+    else:
+        cin, cout = in_shape[1], wt.shape[0]
+        cpg_in, cpg_out = cin // groups, cout // groups
+        out_atoms = an.param_atoms(weight, 0, f"{label} (out channels)")
+        if in_atoms is None or cpg_in != cpg_out:
+            why = f"{node.name}: grouped convolution with {'untracked input' if in_atoms is None else 'a channel multiplier'}"
+            an.freeze(out_atoms, why)
+            if in_atoms is not None:
+                an.freeze(in_atoms, why)
+        else:
+            an.union(out_atoms, in_atoms)
+            if cpg_in == 1:  # depthwise: whole groups go with their channel
+                if path:
+                    an.rewrite_attr(path, "groups", in_atoms)
+                elif groups_arg is not None:
+                    an.arg_rewrites.append(ArgRewrite(node.name, groups_arg, in_atoms, int))
+            else:  # grouped: the same local channels in every group
+                local = an.tie(in_atoms, groups)
+                an.bind(weight, 1, local)
+    if bias is not None:
+        an.bind(bias, 0, out_atoms)
+    if path:
+        an.rewrite_attr(path, "out_channels", out_atoms)
+        if in_atoms is not None:
+            an.rewrite_attr(path, "in_channels", in_atoms)
+    an.producers[node.name] = Chan(1, out_atoms)
+    return Chan(1, out_atoms)
+
+
+def rule_conv_module(an: _Analyzer, node: Node, m: _ConvNd) -> Info:
+    p = node.target
+    return _conv(an, node, p, f"{p}.weight", f"{p}.bias" if m.bias is not None else None, m.groups, m.transposed, node.args[0])
+
+
+def rule_conv_function(an: _Analyzer, node: Node) -> Info:
+    args = list(node.args)
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    values = {n: (args[i] if i < len(args) else node.kwargs.get(n)) for i, n in enumerate(names)}
+    w, b = an.of(values["weight"]), an.of(values["bias"])
+    groups = values["groups"] if values["groups"] is not None else 1
+    if not isinstance(w, ParamRef) or w.axes != tuple(range(len(w.axes))) or not isinstance(groups, int) or (values["bias"] is not None and not isinstance(b, ParamRef)):
+        raise _Unsupported("functional convolution with computed weights")
+    groups_arg = (6,) if len(args) > 6 else None
+    if groups > 1 and groups_arg is None:
+        raise _Unsupported("functional grouped convolution with groups as keyword")
+    transposed = "transpose" in getattr(node.target, "__name__", "")
+    return _conv(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, groups, transposed, values["input"], groups_arg)
+
+
+def _linear(an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, x: Any) -> Info:
+    info = an.of(x)
+    shape = an.shape(x)
+    label = path or node.name
+    if shape is None:
+        raise _Unsupported("linear input shape unknown")
+    last = len(shape) - 1
+    out_atoms = an.param_atoms(weight, 0, f"{label} (out features)")
+    if isinstance(info, Chan):
+        if info.axis == last:
+            an.bind(weight, 1, info.atoms)
+            if path:
+                an.rewrite_attr(path, "in_features", info.atoms)
+        else:
+            an.freeze(info.atoms, f"{node.name}: linear layer over a value with channels on another axis")
+    elif isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter fed to a linear layer")
+    if bias is not None:
+        an.bind(bias, 0, out_atoms)
+    if path:
+        an.rewrite_attr(path, "out_features", out_atoms)
+    chan = Chan(last, out_atoms)
+    an.producers[node.name] = chan
+    return chan
+
+
+def rule_linear_module(an: _Analyzer, node: Node, m: nn.Linear) -> Info:
+    p = node.target
+    return _linear(an, node, p, f"{p}.weight", f"{p}.bias" if m.bias is not None else None, node.args[0])
+
+
+def rule_linear_function(an: _Analyzer, node: Node) -> Info:
+    args = list(node.args)
+    w = an.of(args[1] if len(args) > 1 else node.kwargs.get("weight"))
+    b_arg = args[2] if len(args) > 2 else node.kwargs.get("bias")
+    b = an.of(b_arg)
+    if not isinstance(w, ParamRef) or w.axes != (0, 1) or (b_arg is not None and not isinstance(b, ParamRef)):
+        raise _Unsupported("functional linear with computed weights")
+    return _linear(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, args[0])
+
+
+def _channel_norm(an: _Analyzer, node: Node, path: str, tensors: list[str], num_groups: int | None) -> Info:
+    info = an.of(node.args[0])
+    if not isinstance(info, Chan):
+        if isinstance(info, ParamRef):
+            an.pin(info.name, f"{node.name}: normalised parameter")
+        return None
+    if info.axis != 1:
+        an.freeze(info.atoms, f"{node.name}: channel norm over a value with channels on axis {info.axis}")
+        return None
+    atoms = info.atoms
+    if num_groups is not None and num_groups > 1:
+        an.tie(atoms, num_groups)
+    for t in tensors:
+        an.bind(t, 0, atoms)
+    attr = "num_channels" if num_groups is not None else "num_features"
+    if path:
+        an.rewrite_attr(path, attr, atoms)
+    return info
+
+
+def rule_batchnorm(an: _Analyzer, node: Node, m: nn.Module) -> Info:
+    p = node.target
+    names = [n for n in ("weight", "bias", "running_mean", "running_var") if getattr(m, n, None) is not None]
+    return _channel_norm(an, node, p, [f"{p}.{n}" for n in names], None)
+
+
+def rule_groupnorm(an: _Analyzer, node: Node, m: nn.GroupNorm) -> Info:
+    p = node.target
+    names = [n for n in ("weight", "bias") if getattr(m, n, None) is not None]
+    return _channel_norm(an, node, p, [f"{p}.{n}" for n in names], m.num_groups)
+
+
+def _layer_norm(an: _Analyzer, node: Node, x: Any, ndims: int, weight: str | None, bias: str | None, path: str, shape_arg: tuple[int, ...] | None) -> Info:
+    info = an.of(x)
+    shape = an.shape(x)
+    if not isinstance(info, Chan) or shape is None:
+        if isinstance(info, ParamRef):
+            an.pin(info.name, f"{node.name}: normalised parameter")
+        return None
+    rank = len(shape)
+    if info.axis < rank - ndims:
+        return info  # channels outside the normalised dims pass through
+    if ndims != 1:
+        an.freeze(info.atoms, f"{node.name}: layer norm over several dims including the channel axis")
+        return None
+    for t in (weight, bias):
+        if t is not None:
+            an.bind(t, 0, info.atoms)
+    if path:
+        an.rewrite_attr(path, "normalized_shape", info.atoms, lambda n: (n,))
+    if shape_arg is not None:
+        an.arg_rewrites.append(ArgRewrite(node.name, shape_arg, info.atoms, lambda n: (n,)))
+    return info
+
+
+def rule_layernorm_module(an: _Analyzer, node: Node, m: nn.LayerNorm) -> Info:
+    p = node.target
+    w = f"{p}.weight" if getattr(m, "weight", None) is not None else None
+    b = f"{p}.bias" if getattr(m, "bias", None) is not None else None
+    return _layer_norm(an, node, node.args[0], len(m.normalized_shape), w, b, p, None)
+
+
+def rule_layernorm_function(an: _Analyzer, node: Node) -> Info:
+    args = list(node.args)
+    shape = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
+    w_arg = args[2] if len(args) > 2 else node.kwargs.get("weight")
+    b_arg = args[3] if len(args) > 3 else node.kwargs.get("bias")
+    w, b = an.of(w_arg), an.of(b_arg)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) for s in shape):
+        raise _Unsupported("layer_norm with a computed normalized_shape")
+    if (w_arg is not None and not isinstance(w, ParamRef)) or (b_arg is not None and not isinstance(b, ParamRef)):
+        raise _Unsupported("layer_norm with computed affine parameters")
+    return _layer_norm(an, node, args[0], len(shape), w.name if w else None, b.name if b else None, "", (1,) if len(args) > 1 else None)
+
+
+def rule_mha(an: _Analyzer, node: Node, m: nn.MultiheadAttention) -> Info:
+    p = node.target
+    args = list(node.args)
+    q, k, v = (args + [None] * 3)[:3]
+    q = q if q is not None else node.kwargs.get("query")
+    k = k if k is not None else node.kwargs.get("key")
+    v = v if v is not None else node.kwargs.get("value")
+    infos = [an.of(t) for t in (q, k, v)]
+    e = m.embed_dim
+    ok = m._qkv_same_embed_dim and all(isinstance(i, Chan) and len(i.atoms) == e and i.axis == len(an.shape(t)) - 1 for i, t in zip(infos, (q, k, v)))
+    if not ok or m.bias_k is not None or m.add_zero_attn:
+        raise _Unsupported("MultiheadAttention with separate q/k/v widths, untracked inputs, bias_k or add_zero_attn")
+    atoms = infos[0].atoms
+    for i in infos[1:]:
+        an.union(atoms, i.atoms)
+    an.tie(atoms, m.num_heads)  # the same head dim in every head
+    three = np.concatenate([atoms, atoms, atoms])
+    an.bind(f"{p}.in_proj_weight", 0, three)
+    an.bind(f"{p}.in_proj_weight", 1, atoms)
+    if m.in_proj_bias is not None:
+        an.bind(f"{p}.in_proj_bias", 0, three)
+    an.bind(f"{p}.out_proj.weight", 0, atoms)
+    an.bind(f"{p}.out_proj.weight", 1, atoms)
+    if m.out_proj.bias is not None:
+        an.bind(f"{p}.out_proj.bias", 0, atoms)
+    for attr in ("embed_dim", "kdim", "vdim"):
+        an.rewrite_attr(p, attr, atoms)
+    an.rewrite_attr(p, "head_dim", atoms, lambda n, h=m.num_heads: n // h)
+    an.rewrite_attr(f"{p}.out_proj", "in_features", atoms)
+    an.rewrite_attr(f"{p}.out_proj", "out_features", atoms)
+    out = Chan(infos[0].axis, atoms)
+    return (out, None)
+
+
+def rule_embedding(an: _Analyzer, node: Node, m: nn.Embedding) -> Info:
+    p = node.target
+    atoms = an.param_atoms(f"{p}.weight", 1, f"{p} (embedding dim)")
+    an.rewrite_attr(p, "embedding_dim", atoms)
+    shape = an.shape(node)
+    chan = Chan(len(shape) - 1, atoms) if shape else None
+    if chan is not None:
+        an.producers[node.name] = chan
+    return chan
+
+
+def rule_prelu(an: _Analyzer, node: Node, m: nn.PReLU) -> Info:
+    info = an.of(node.args[0])
+    if m.num_parameters == 1 or not isinstance(info, Chan):
+        return rule_passthrough(an, node)
+    if info.axis != 1:
+        an.freeze(info.atoms, f"{node.name}: PReLU weights on axis 1")
+        return None
+    an.bind(f"{node.target}.weight", 0, info.atoms)
+    an.rewrite_attr(node.target, "num_parameters", info.atoms)
+    return info
+
+
+def rule_interface_gate(an: _Analyzer, node: Node, m: nn.Module) -> Info:
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    p = node.target
+    axis = m.channel_dim if m.channel_dim >= 0 else (len(shape) - 1 if shape else -1)
+    if not isinstance(info, Chan) or info.axis != axis:
+        for name, _ in m.named_parameters():
+            an.pin(f"{p}.{name}", f"{node.name}: gate over untracked channels")
+        if isinstance(info, Chan):
+            an.freeze(info.atoms, f"{node.name}: gate over another axis")
+        return None
+    atoms = info.atoms
+    if m.rank is None:
+        an.bind(f"{p}.projector_delta", 0, atoms)
+        an.bind(f"{p}.projector_delta", 1, atoms)
+    else:
+        an.bind(f"{p}.projector_u", 0, atoms)
+        an.bind(f"{p}.projector_v", 0, atoms)
+    an.bind(f"{p}.projector_bias", 0, atoms)
+    an.bind(f"{p}.estimator_weight", 1, atoms)
+    an.rewrite_attr(p, "width", atoms)
+    return info
+
+
+def rule_compression(an: _Analyzer, node: Node, m: nn.Module) -> Info:
+    return rule_passthrough(an, node)
+
+
+def rule_flatten_module(an: _Analyzer, node: Node, m: nn.Module) -> Info:
+    return _reshape(an, node, node.args[0], None)
+
+
+def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, ...]] | None) -> Info:
+    """Map channels through a row-major reshape; ``literal``: out axis -> args path of a literal size."""
+    info = an.of(src)
+    in_shape, out_shape = an.shape(src), an.shape(node)
+    if in_shape is None or out_shape is None:
+        raise _Unsupported("reshape with unknown shapes")
+    if isinstance(info, ParamRef):
+        squeezed_in = [(d, s) for d, s in enumerate(in_shape) if s != 1]
+        squeezed_out = [d for d, s in enumerate(out_shape) if s != 1]
+        if [s for _, s in squeezed_in] == [out_shape[d] for d in squeezed_out]:
+            axes: list[int | None] = [None] * len(out_shape)
+            for (d_in, _), d_out in zip(squeezed_in, squeezed_out):
+                axes[d_out] = info.axes[d_in]
+            return ParamRef(info.name, tuple(axes))
+        an.pin(info.name, f"{node.name}: parameter reshaped")
+        return None
+    if not isinstance(info, Chan):
+        return None
+    total = math.prod(in_shape)
+    if total > 50_000_000:
+        an.freeze(info.atoms, f"{node.name}: reshape too large to analyse")
+        return None
+    bshape = [1] * len(in_shape)
+    bshape[info.axis] = len(info.atoms)
+    full = np.broadcast_to(info.atoms.reshape(bshape), in_shape).reshape(out_shape)
+    varying = [d for d in range(len(out_shape)) if out_shape[d] > 1 and not (full == np.take(full, [0], axis=d)).all()]
+    if not varying:
+        return None
+    index = tuple(slice(None) if d in varying else 0 for d in range(len(out_shape)))
+    table = full[index]
+    if len(varying) == 1:
+        chan = Chan(varying[0], np.ascontiguousarray(table))
+    else:  # split into several axes: tie each column across the leading axes
+        free = varying[-1]
+        table = table.reshape(-1, out_shape[free])
+        for r in range(1, table.shape[0]):
+            an.union(table[0], table[r])
+        chan = Chan(free, np.ascontiguousarray(table[0]))
+    if literal:
+        counted = {chan.axis: chan.atoms}
+        for axis, path in literal.items():
+            if axis in counted:
+                atoms = counted[axis]
+                an.arg_rewrites.append(ArgRewrite(node.name, path, atoms, int))
+    return chan
+
+
+def _shape_literals(node: Node, start: int) -> dict[int, tuple[int, ...]]:
+    """Out axis -> args path, for integer literals in a view/reshape shape argument."""
+    args = node.args[start:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return {i: (start, i) for i, a in enumerate(args[0]) if isinstance(a, int) and a != -1}
+    return {i: (start + i,) for i, a in enumerate(args) if isinstance(a, int) and a != -1}
+
+
+def rule_view_method(an: _Analyzer, node: Node) -> Info:
+    return _reshape(an, node, node.args[0], _shape_literals(node, 1))
+
+
+def rule_reshape_function(an: _Analyzer, node: Node) -> Info:
+    shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+    literal = {i: (1, i) for i, a in enumerate(shape_arg) if isinstance(a, int) and a != -1} if isinstance(shape_arg, (tuple, list)) else {}
+    return _reshape(an, node, node.args[0], literal)
+
+
+def rule_flatten(an: _Analyzer, node: Node) -> Info:
+    return _reshape(an, node, node.args[0], None)
+
+
+def _permutation(node: Node, rank: int) -> list[int] | None:
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    args = list(node.args[1:])
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        if not dims and "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        return [_norm_axis(d, rank) for d in dims] if all(isinstance(d, int) for d in dims) else None
+    if name in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = (args + [node.kwargs.get("dim0"), node.kwargs.get("dim1")])[:2]
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        perm = list(range(rank))
+        a, b = _norm_axis(d0, rank), _norm_axis(d1, rank)
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if name == "t":
+        return list(reversed(range(rank)))
+    if name == "movedim":
+        src, dst = args[0], args[1]
+        if not isinstance(src, int) or not isinstance(dst, int):
+            return None
+        order = list(range(rank))
+        s = order.pop(_norm_axis(src, rank))
+        order.insert(_norm_axis(dst, rank), s)
+        return order
+    return None
+
+
+def rule_permute(an: _Analyzer, node: Node) -> Info:
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    if info is None or shape is None:
+        return None
+    perm = _permutation(node, len(shape))
+    if perm is None:
+        raise _Unsupported("permutation with computed dims")
+    if isinstance(info, Chan):
+        return Chan(perm.index(info.axis), info.atoms)
+    if isinstance(info, ParamRef):
+        return ParamRef(info.name, tuple(info.axes[p] for p in perm))
+    return None
+
+
+def rule_expand(an: _Analyzer, node: Node) -> Info:
+    info = an.of(node.args[0])
+    in_shape, out_shape = an.shape(node.args[0]), an.shape(node)
+    if info is None or in_shape is None or out_shape is None:
+        return None
+    offset = len(out_shape) - len(in_shape)
+    if isinstance(info, Chan):
+        return Chan(info.axis + offset, info.atoms)
+    if isinstance(info, ParamRef):
+        axes = [None] * offset + [a if in_shape[i] == out_shape[i + offset] else None for i, a in enumerate(info.axes)]
+        return ParamRef(info.name, tuple(axes))
+    return None
+
+
+def rule_cat(an: _Analyzer, node: Node) -> Info:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out_shape = an.shape(node)
+    if out_shape is None or not isinstance(dim, int):
+        raise _Unsupported("cat with unknown shapes")
+    dim = _norm_axis(dim, len(out_shape))
+    infos = [an.of(t) for t in tensors]
+    if any(isinstance(i, Chan) and i.axis == dim for i in infos):
+        parts = []
+        for t, i in zip(tensors, infos):
+            size = an.shape(t)[dim]
+            if isinstance(i, Chan) and i.axis == dim:
+                parts.append(i.atoms)
+            else:
+                fresh = an.new_atoms(size, f"{node.name} (untracked part)")
+                an.freeze(fresh, f"{node.name}: concatenated with untracked channels")
+                an.freeze_info(i, f"{node.name}: channels on another axis than the concatenation")
+                parts.append(fresh)
+        return Chan(dim, np.concatenate(parts))
+    return _combine(an, node, list(tensors), out_shape)
+
+
+def rule_stack(an: _Analyzer, node: Node) -> Info:
+    tensors = node.args[0]
+    out = _combine(an, node, list(tensors), an.shape(tensors[0]) if tensors else None)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if isinstance(out, Chan) and isinstance(dim, int):
+        rank = len(an.shape(node))
+        return Chan(out.axis + (1 if _norm_axis(dim, rank) <= out.axis else 0), out.atoms)
+    return None
+
+
+def rule_chunk_split(an: _Analyzer, node: Node) -> Info:
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    src = node.args[0]
+    info = an.of(src)
+    shape = an.shape(src)
+    if name == "chunk":
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    else:
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if shape is None or not isinstance(dim, int):
+        raise _Unsupported("split with unknown shapes")
+    dim = _norm_axis(dim, len(shape))
+    size = shape[dim]
+    if name == "chunk":
+        step = -(-size // n)
+        sizes = [min(step, size - i) for i in range(0, size, step)]
+    elif isinstance(n, int):
+        sizes = [min(n, size - i) for i in range(0, size, n)]
+    elif isinstance(n, (list, tuple)) and all(isinstance(s, int) for s in n):
+        sizes = list(n)
+    else:
+        raise _Unsupported("split with computed sizes")
+    if isinstance(info, Chan) and info.axis == dim:
+        if name == "split" and isinstance(n, (list, tuple)):
+            pieces, start = [], 0
+            for i, s in enumerate(sizes):
+                atoms = info.atoms[start : start + s]
+                an.arg_rewrites.append(ArgRewrite(node.name, (1, i), atoms, int))
+                pieces.append(Chan(dim, atoms))
+                start += s
+            return tuple(pieces)
+        if len(set(sizes)) != 1:
+            an.freeze(info.atoms, f"{node.name}: uneven {name} along the channel axis")
+            return tuple(None for _ in sizes)
+        an.tie(info.atoms, len(sizes))
+        table = info.atoms.reshape(len(sizes), -1)
+        return tuple(Chan(dim, table[i]) for i in range(len(sizes)))
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter split")
+        return tuple(None for _ in sizes)
+    return tuple(info for _ in sizes)
+
+
+def rule_getitem(an: _Analyzer, node: Node) -> Info:
+    src, idx = node.args[0], node.args[1]
+    info = an.of(src)
+    if isinstance(info, tuple):
+        return info[idx] if isinstance(idx, int) and -len(info) <= idx < len(info) else None
+    in_shape = an.shape(src)
+    if info is None or in_shape is None or not isinstance(src, Node) or an.shape(node) is None:
+        return None
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, Node) or (not isinstance(i, (int, slice)) and i is not None and i is not Ellipsis) for i in idx):
+        an.freeze_info(info, f"{node.name}: advanced indexing")
+        return None
+    # expand the ellipsis
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded += [slice(None)] * (len(in_shape) - n_real)
+        else:
+            expanded.append(i)
+    expanded += [slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None))
+    mapping: dict[int, int | None] = {}
+    out_axis = 0
+    in_axis = 0
+    for i in expanded:
+        if i is None:
+            out_axis += 1
+            continue
+        if isinstance(i, int):
+            mapping[in_axis] = None
+        else:
+            full = i == slice(None) or (i.start in (None, 0) and i.stop is None and i.step in (None, 1))
+            mapping[in_axis] = out_axis if full else -1
+            out_axis += 1
+        in_axis += 1
+    if isinstance(info, Chan):
+        target = mapping.get(info.axis)
+        if target is None or target == -1:
+            an.freeze(info.atoms, f"{node.name}: slices the channel axis")
+            return None
+        return Chan(target, info.atoms)
+    if isinstance(info, ParamRef):
+        axes: list[int | None] = [None] * len(an.shape(node))
+        for a_in, a_out in mapping.items():
+            if a_out is not None and a_out >= 0:
+                axes[a_out] = info.axes[a_in]
+            elif a_out == -1 or (a_out is None and info.axes[a_in] is not None and in_shape[a_in] > 1):
+                an.pin(info.name, f"{node.name}: parameter indexed")
+                return None
+        return ParamRef(info.name, tuple(axes))
+    return None
+
+
+def rule_reduce(an: _Analyzer, node: Node) -> Info:
+    info = an.of(node.args[0])
+    in_shape, out_shape = an.shape(node.args[0]), an.shape(node)
+    if not isinstance(info, (Chan, ParamRef)) or in_shape is None:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter reduced")
+        return None
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        raise _Unsupported("reduction over computed dims")
+    dims = [_norm_axis(d, len(in_shape)) for d in dims]
+    if info.axis in dims:
+        return None
+    axis = info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis)
+    if out_shape is None or isinstance(out_shape, tuple) and len(out_shape) <= axis:
+        return None
+    return Chan(axis, info.atoms)
+
+
+def rule_matmul(an: _Analyzer, node: Node) -> Info:
+    a, b = node.args[0], node.args[1]
+    ia, ib = an.of(a), an.of(b)
+    sa, sb, so = an.shape(a), an.shape(b), an.shape(node)
+    if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
+        raise _Unsupported("matmul of vectors or unknown shapes")
+    ka, kb = len(sa) - 1, len(sb) - 2
+    out: Info = None
+    # contracted axis
+    ca = ia.atoms if isinstance(ia, Chan) and ia.axis == ka else None
+    cb = ib.atoms if isinstance(ib, Chan) and ib.axis == kb else None
+    if ca is not None and cb is not None:
+        an.union(ca, cb)
+    elif ca is not None:
+        if isinstance(ib, ParamRef) and ib.axes[kb] is not None:
+            an.bind(ib.name, ib.axes[kb], ca)
+        else:
+            an.freeze(ca, f"{node.name}: contracted with untracked channels")
+    elif cb is not None:
+        if isinstance(ia, ParamRef) and ia.axes[ka] is not None:
+            an.bind(ia.name, ia.axes[ka], cb)
+        else:
+            an.freeze(cb, f"{node.name}: contracted with untracked channels")
+    # free axes
+    if isinstance(ia, Chan) and ia.axis == len(sa) - 2:
+        out = Chan(len(so) - 2, ia.atoms)
+    if isinstance(ib, Chan) and ib.axis == len(sb) - 1:
+        if out is not None:
+            an.freeze(ib.atoms, f"{node.name}: channels on both matmul outputs")
+        else:
+            out = Chan(len(so) - 1, ib.atoms)
+    elif isinstance(ib, ParamRef) and ib.axes[len(sb) - 1] is not None and ca is not None and out is None:
+        atoms = an.param_atoms(ib.name, ib.axes[len(sb) - 1], f"{node.name} (out features)")
+        out = Chan(len(so) - 1, atoms)
+        an.producers[node.name] = out
+    for i, side in ((ia, sa), (ib, sb)):
+        if isinstance(i, Chan) and i.axis < len(side) - 2:
+            an.freeze(i.atoms, f"{node.name}: channels on a matmul batch axis")
+        if isinstance(i, ParamRef) and i is not ib:
+            an.pin(i.name, f"{node.name}: parameter in a matmul")
+    return out
+
+
+def rule_softmax(an: _Analyzer, node: Node) -> Info:
+    return rule_passthrough(an, node)
+
+
+def rule_stochastic_depth(an: _Analyzer, node: Node) -> Info:
+    return rule_passthrough(an, node)
+
+
+def rule_patch_merging_pad(an: _Analyzer, node: Node) -> Info:
+    """torchvision Swin's ``_patch_merging_pad``: pads H, W and concatenates 4 shifted copies on C."""
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    if isinstance(info, Chan) and shape is not None and info.axis == len(shape) - 1:
+        return Chan(info.axis, np.concatenate([info.atoms] * 4))
+    an.freeze_info(info, f"{node.name}: patch merging of untracked channels")
+    return None
+
+
+def rule_shifted_window_attention(an: _Analyzer, node: Node) -> Info:
+    """torchvision Swin's ``shifted_window_attention``: like ``nn.MultiheadAttention``, its head
+    dims are ``C // num_heads`` of the input width C, so internal dims are tied to the residual
+    channels and the same head dim is pruned in every head."""
+    names = ["input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
+             "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training"]  # fmt: skip
+    values = {n: (node.args[i] if i < len(node.args) else node.kwargs.get(n)) for i, n in enumerate(names)}
+    info = an.of(values["input"])
+    shape = an.shape(values["input"])
+    refs = {k: an.of(values[k]) for k in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias")}
+    heads = values["num_heads"]
+    if not isinstance(info, Chan) or shape is None or info.axis != len(shape) - 1 or not isinstance(heads, int):
+        raise _Unsupported("shifted_window_attention over untracked channels")
+    if any(values[k] is not None and not isinstance(r, ParamRef) for k, r in refs.items()):
+        raise _Unsupported("shifted_window_attention with computed weights")
+    atoms = info.atoms
+    an.tie(atoms, heads)
+    three = np.concatenate([atoms, atoms, atoms])
+    an.bind(refs["qkv_weight"].name, 0, three)
+    an.bind(refs["qkv_weight"].name, 1, atoms)
+    an.bind(refs["proj_weight"].name, 0, atoms)
+    an.bind(refs["proj_weight"].name, 1, atoms)
+    if isinstance(refs["qkv_bias"], ParamRef):
+        an.bind(refs["qkv_bias"].name, 0, three)
+    if isinstance(refs["proj_bias"], ParamRef):
+        an.bind(refs["proj_bias"].name, 0, atoms)
+    return Chan(info.axis, atoms)
+
+
+def rule_no_tensor(an: _Analyzer, node: Node) -> Info:
+    """Ops that read only metadata (size, dim, shape, _assert)."""
+    return None
+
+
+ELEMENTWISE_NAMES = frozenset(
+    """add sub mul truediv div floordiv mod pow neg pos abs and_ or_ xor invert eq ne lt le gt ge
+    add_ sub_ mul_ div_ true_divide rsub relu relu_ relu6 gelu silu silu_ hardswish hardswish_ hardsigmoid
+    hardsigmoid_ sigmoid sigmoid_ tanh tanh_ mish elu elu_ selu celu leaky_relu leaky_relu_ softplus
+    hardtanh hardtanh_ exp log sqrt rsqrt clamp clamp_ clip where dropout dropout_ alpha_dropout
+    feature_alpha_dropout dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
+    to type_as contiguous clone detach masked_fill logit""".split()
+)
+
+MODULE_RULES: dict[type, Callable] = {}
+for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+             nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout,
+             nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax):  # fmt: skip
+    MODULE_RULES[_cls] = rule_passthrough
+for _cls in (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+             nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample):  # fmt: skip
+    MODULE_RULES[_cls] = rule_spatial
+MODULE_RULES[_ConvNd] = rule_conv_module
+MODULE_RULES[nn.Linear] = rule_linear_module
+MODULE_RULES[nn.modules.batchnorm._BatchNorm] = rule_batchnorm
+MODULE_RULES[nn.modules.instancenorm._InstanceNorm] = rule_batchnorm
+MODULE_RULES[nn.GroupNorm] = rule_groupnorm
+MODULE_RULES[nn.LayerNorm] = rule_layernorm_module
+MODULE_RULES[nn.MultiheadAttention] = rule_mha
+MODULE_RULES[nn.Embedding] = rule_embedding
+MODULE_RULES[nn.PReLU] = rule_prelu
+MODULE_RULES[nn.Flatten] = rule_flatten_module
+
+
+def _register_qcd_modules() -> None:
+    from ..nn import InterfaceGate, StateCompression
+
+    MODULE_RULES[InterfaceGate] = rule_interface_gate
+    MODULE_RULES[StateCompression] = rule_compression
+
+
+_register_qcd_modules()
+
+FUNCTION_RULES: dict[Any, Callable] = {
+    torch.cat: rule_cat,
+    torch.concat: rule_cat,
+    torch.stack: rule_stack,
+    torch.flatten: rule_flatten,
+    torch.reshape: rule_reshape_function,
+    torch.permute: rule_permute,
+    torch.transpose: rule_permute,
+    torch.swapaxes: rule_permute,
+    torch.movedim: rule_permute,
+    torch.t: rule_permute,
+    torch.chunk: rule_chunk_split,
+    torch.split: rule_chunk_split,
+    torch.matmul: rule_matmul,
+    torch.bmm: rule_matmul,
+    operator.matmul: rule_matmul,
+    operator.getitem: rule_getitem,
+    getattr: rule_no_tensor,
+    torch._assert: rule_no_tensor,
+    torch.mean: rule_reduce,
+    torch.sum: rule_reduce,
+    torch.amax: rule_reduce,
+    torch.softmax: rule_softmax,
+    torch.log_softmax: rule_softmax,
+    F.softmax: rule_softmax,
+    F.log_softmax: rule_softmax,
+    F.linear: rule_linear_function,
+    torch._C._nn.linear: rule_linear_function,
+    F.conv1d: rule_conv_function,
+    F.conv2d: rule_conv_function,
+    F.conv3d: rule_conv_function,
+    torch.conv1d: rule_conv_function,
+    torch.conv2d: rule_conv_function,
+    torch.conv3d: rule_conv_function,
+    F.layer_norm: rule_layernorm_function,
+    F.adaptive_avg_pool1d: rule_spatial,
+    F.adaptive_avg_pool2d: rule_spatial,
+    F.adaptive_avg_pool3d: rule_spatial,
+    F.adaptive_max_pool2d: rule_spatial,
+    F.avg_pool2d: rule_spatial,
+    F.max_pool2d: rule_spatial,
+    F.interpolate: rule_spatial,
+    F.pad: rule_pad,
+    torch.nn.functional.normalize: rule_passthrough,
+}
+FUNCTION_RULES_BY_NAME: dict[str, Callable] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": rule_stochastic_depth,
+    "torchvision.models.swin_transformer._patch_merging_pad": rule_patch_merging_pad,
+    "torchvision.models.swin_transformer.shifted_window_attention": rule_shifted_window_attention,
+    "torch.nn.functional.pad": rule_pad,
+    "torch._C._nn.pad": rule_pad,
+}
+METHOD_RULES: dict[str, Callable] = {
+    "view": rule_view_method,
+    "reshape": rule_view_method,
+    "flatten": rule_flatten,
+    "permute": rule_permute,
+    "transpose": rule_permute,
+    "swapaxes": rule_permute,
+    "movedim": rule_permute,
+    "t": rule_permute,
+    "expand": rule_expand,
+    "expand_as": rule_expand,
+    "chunk": rule_chunk_split,
+    "split": rule_chunk_split,
+    "mean": rule_reduce,
+    "sum": rule_reduce,
+    "amax": rule_reduce,
+    "size": rule_no_tensor,
+    "dim": rule_no_tensor,
+    "softmax": rule_softmax,
+    "log_softmax": rule_softmax,
+    "matmul": rule_matmul,
+    "bmm": rule_matmul,
+}

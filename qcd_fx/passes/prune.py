@@ -1,0 +1,410 @@
+"""``cdg-prune``: score channels by the seed's efficiency and remove them structurally.
+
+The seed's "Cosmic Dynamic Graph" scores units by ``E = (I - S)/(I + S + eps)`` and drops the
+inefficient ones, with the output's own efficiency as the threshold; its code only set
+``param.grad = None``. Here units are really removed: weight tensors shrink, module attributes
+(``in_channels``, ``num_features``, ``normalized_shape``, ``embed_dim``…) and graph constants
+(reshape sizes) are rewritten, and the result is an ordinary, smaller GraphModule.
+
+Criteria (``criterion=``), per *unit* (a set of channels that must go together, see
+:mod:`qcd_fx.passes.dependency`):
+
+* ``cdg`` — for every channel ``c`` of every layer output that produces channels (Conv, Linear,
+  Embedding, ``x @ W``), on the calibration activations ``a`` (batch and positions pooled, the
+  channel axis last): ``I_c = mean |a_c|``; ``S_c = mean s_c`` with the seed's element-wise
+  entropy term ``s = -softmax(a) * log_softmax(a)`` taken across the channels at each position;
+  ``E_c = (I_c - S_c)/(I_c + S_c + 1e-8)``. A unit's score is the mean ``E`` of its channels.
+  Without calibration data (weight-only), ``I`` and ``S`` are taken over each channel's weight
+  slices instead (``I = mean |w|``, ``S`` = the seed's entropy of the slice). Low ``E`` goes first.
+* ``l1`` / ``l2`` — weight magnitude: for every tensor dimension bound to the unit (producing
+  rows, consuming columns, norm affine parameters), the L1 (L2²) norm of its slice, normalised by
+  that tensor's mean slice norm, summed over tensors (the usual group-magnitude anchor).
+* ``random`` — uniform scores from ``seed``.
+
+Selection: ``ratio`` (fraction of the prunable units removed in every group; default 0.5),
+``target_macs`` (global uniform ratio found by bisection until MACs fall to the target:
+a fraction of the current MACs when <= 1, an absolute count otherwise), or ``threshold=auto``
+(the seed's rule: remove units whose ``E`` is below the efficiency of the model output).
+Every group keeps at least one unit; ``round_to=N`` keeps a multiple of N units.
+
+``scope=nodes`` (or ``both``) also removes residual branches ``x + f(x) -> x`` whose output
+efficiency is below the output's efficiency (at most ``ratio`` of the branches when a ratio is
+given), then dead code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .. import measures
+from ..analysis import count_macs
+from ..errors import PreconditionError
+from .base import Pass, PassOutcome, option, register
+from .dependency import Dependencies, analyze
+
+CALIBRATION_KEY = "qcd_fx_calibration"
+"""``gm.meta`` key under which the pipeline hands calibration batches (tuples of inputs) to passes."""
+
+
+@register
+@dataclass(frozen=True)
+class CDGPrune(Pass):
+    """Structural channel pruning scored by the seed's efficiency (CDG) or a baseline criterion."""
+
+    name = "cdg-prune"
+    summary = "remove channels (and optionally residual branches) structurally, scored by CDG efficiency or l1/l2/random"
+
+    ratio: float | None = option("fraction of each group's prunable channels to remove (default 0.5)", None)
+    criterion: Literal["cdg", "l1", "l2", "random"] = option("channel score: cdg (seed efficiency), l1, l2, random", "cdg")
+    target_macs: float | None = option("prune until MACs fall to this (fraction of current if <= 1, else absolute)", None)
+    threshold: Literal["none", "auto"] = option("auto: the seed's rule, remove units less efficient than the output", "none")
+    round_to: int = option("keep a multiple of this many units per group", 1)
+    scope: Literal["channels", "nodes", "both"] = option("what to remove: channels, residual branches (nodes), or both", "channels")
+    seed: int = option("random seed (criterion=random)", 0)
+
+    def __post_init__(self):
+        chosen = [self.ratio is not None, self.target_macs is not None, self.threshold == "auto"]
+        if sum(chosen) > 1:
+            raise ValueError("give only one of ratio, target_macs and threshold=auto")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.target_macs is not None and self.target_macs <= 0:
+            raise ValueError(f"target_macs must be > 0, got {self.target_macs}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.threshold == "auto" and self.criterion != "cdg":
+            raise ValueError("threshold=auto compares efficiencies: it needs criterion=cdg")
+
+    @property
+    def effective_ratio(self) -> float | None:
+        if self.target_macs is None and self.threshold == "none":
+            return 0.5 if self.ratio is None else self.ratio
+        return self.ratio
+
+    def call(self, gm: GraphModule) -> PassOutcome:
+        calib = list(gm.meta.get(CALIBRATION_KEY) or [])
+        _ensure_shapes(gm, calib, self.name)
+        notes: list[str] = []
+        stats: dict[str, Any] = {"criterion": self.criterion}
+        if self.scope in ("nodes", "both"):
+            if not calib:
+                raise PreconditionError(self.name, "scope=nodes needs calibration data (example inputs)")
+            removed = _remove_branches(gm, calib, self.ratio)
+            stats["branches_removed"] = removed
+            if removed:
+                _ensure_shapes(gm, calib, self.name, force=True)
+            if self.scope == "nodes":
+                return PassOutcome(gm, bool(removed), notes, stats)
+        deps = analyze(gm)
+        acts: dict[str, torch.Tensor] = {}
+        out_eff: float | None = None
+        if calib and (self.criterion == "cdg" or self.threshold == "auto"):
+            acts, out_eff = _calibrate(gm, calib, set(deps.producers))
+        elif self.criterion == "cdg":
+            notes.append("no calibration data: cdg scored from weights only")
+        scores = _scores(gm, deps, self.criterion, acts, self.seed)
+        if self.target_macs is not None:
+            if not calib:
+                raise PreconditionError(self.name, "target_macs needs example inputs to count MACs")
+            removed = _search_macs(gm, deps, scores, self.target_macs, self.round_to, calib[0])
+        elif self.threshold == "auto":
+            if out_eff is None:
+                raise PreconditionError(self.name, "threshold=auto needs calibration data (the output's efficiency)")
+            stats["output_efficiency"] = out_eff
+            removed = _select_threshold(deps, scores, out_eff, self.round_to)
+        else:
+            removed = _select_ratio(deps, scores, self.effective_ratio, self.round_to)
+        widths = apply_pruning(gm, deps, removed)
+        skipped = [g for g in deps.groups if len(g.units) == 0]
+        stats.update(
+            groups=len(deps.groups),
+            groups_pruned=sum(1 for g in deps.groups if np.isin(g.units, removed).any()),
+            groups_skipped=len(skipped),
+            channels_removed=int(sum(before - after for before, after in widths.values())),
+            widths={k: list(v) for k, v in widths.items()},
+        )
+        reasons: dict[str, int] = {}
+        for g in deps.groups:
+            for r in g.reasons[:1] if len(g.units) == 0 else []:
+                key = r.split(": ", 1)[-1]
+                reasons[key] = reasons.get(key, 0) + 1
+        for why, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            notes.append(f"{count} group(s) left alone: {why}")
+        stats["skip_reasons"] = reasons
+        return PassOutcome(gm, bool(len(removed)), notes, stats)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _ensure_shapes(gm: GraphModule, calib: list, pass_name: str, force: bool = False) -> None:
+    from .pipeline import _eval_mode, _Runner
+
+    missing = any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+    if not missing and not force:
+        return
+    if not calib:
+        raise PreconditionError(pass_name, "needs example inputs (shape propagation) to find channel dependencies")
+    with _eval_mode(gm):
+        _Runner(gm).run(*calib[0])
+
+
+def _calibrate(gm: GraphModule, calib: list, nodes: set[str]) -> tuple[dict[str, torch.Tensor], float]:
+    """The outputs of ``nodes`` on the calibration batches (concatenated on axis 0) and the
+    seed's efficiency of the model output (softmax over the last axis, as the seed's CDG)."""
+    from .pipeline import _eval_mode, _Runner, _tensor_leaves
+
+    values: dict[str, list[torch.Tensor]] = {}
+    outputs = []
+    for batch in calib:
+        runner = _Runner(gm, capture=set(nodes))
+        with _eval_mode(gm):
+            out = runner.run(*batch)
+        for name, v in (runner.values or {}).items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                values.setdefault(name, []).append(v.detach())
+        outputs.extend(_tensor_leaves(out))
+    acts = {k: torch.cat(v) if len(v) > 1 and all(x.dim() > 0 for x in v) else v[0] for k, v in values.items()}
+    effs = [float(measures.efficiency(o.float(), dim=-1)) for o in outputs if o.is_floating_point() and o.numel()]
+    return acts, (sum(effs) / len(effs) if effs else 0.0)
+
+
+def channel_efficiency(act: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-channel ``E_c`` of an activation (see the module docstring)."""
+    a = act.float().movedim(axis, -1)
+    a = a.reshape(-1, a.shape[-1])
+    info = a.abs().mean(0)
+    ent = measures.entropy_terms(a, dim=-1).mean(0)
+    return measures.efficiency_from(info, ent)
+
+
+def _scores(gm: GraphModule, deps: Dependencies, criterion: str, acts: dict[str, torch.Tensor], seed: int) -> np.ndarray:
+    """Score per unit label (index = label); higher = keep."""
+    n = deps.num_atoms
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        atom = rng.random(n)
+        return _per_unit(deps, atom, "mean")
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    if criterion in ("l1", "l2"):
+        total = np.zeros(n)
+        for (name, dim), atoms in deps.bindings.items():
+            t = tensors.get(name)
+            if t is None or not t.is_floating_point():
+                continue
+            w = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
+            s = (w.abs().sum(1) if criterion == "l1" else w.pow(2).sum(1)).numpy().astype(np.float64)
+            mean = s.mean()
+            if mean > 0:
+                np.add.at(total, atoms, s / mean)
+        return _per_unit(deps, total, "sum")
+    # cdg
+    eff_sum, eff_cnt = np.zeros(n), np.zeros(n)
+    for node_name, chan in deps.producers.items():
+        act = acts.get(node_name)
+        if act is None or act.dim() <= chan.axis or act.shape[chan.axis] != len(chan.atoms):
+            continue
+        e = channel_efficiency(act, chan.axis).numpy().astype(np.float64)
+        np.add.at(eff_sum, chan.atoms, e)
+        np.add.at(eff_cnt, chan.atoms, 1)
+    w_sum, w_cnt = np.zeros(n), np.zeros(n)
+    for (name, dim), atoms in deps.bindings.items():
+        t = tensors.get(name)
+        if t is None or not t.is_floating_point() or (eff_cnt[atoms] > 0).all():
+            continue  # weight-only scores only where no activation was observed
+        w = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
+        info = w.abs().mean(1)
+        ent = measures.entropy_terms(w, dim=1).mean(1)
+        e = measures.efficiency_from(info, ent).numpy().astype(np.float64)
+        np.add.at(w_sum, atoms, e)
+        np.add.at(w_cnt, atoms, 1)
+    atom = np.where(eff_cnt > 0, eff_sum / np.maximum(eff_cnt, 1), w_sum / np.maximum(w_cnt, 1))
+    has = (eff_cnt > 0) | (w_cnt > 0)
+    return _per_unit(deps, np.where(has, atom, np.nan), "nanmean")
+
+
+def _per_unit(deps: Dependencies, atom_scores: np.ndarray, how: str) -> np.ndarray:
+    labels = deps.labels
+    valid = ~np.isnan(atom_scores)
+    total = np.zeros(deps.num_atoms)
+    count = np.zeros(deps.num_atoms)
+    np.add.at(total, labels[valid], atom_scores[valid])
+    np.add.at(count, labels[valid], 1)
+    if how == "sum":
+        return total
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def _keep_count(n: int, remove: int, round_to: int) -> int:
+    """Units to keep: at least 1 (or round_to), a multiple of round_to, at most n."""
+    keep = max(n - remove, 1)
+    if round_to > 1:
+        keep = min(n, max(round_to, math.ceil(keep / round_to) * round_to)) if n >= round_to else n
+    return keep
+
+
+def _select_ratio(deps: Dependencies, scores: np.ndarray, ratio: float, round_to: int) -> np.ndarray:
+    removed = []
+    for g in deps.groups:
+        n = len(g.units)
+        if n <= 1:
+            continue
+        keep = _keep_count(n, int(math.floor(ratio * n + 1e-9)), round_to)
+        order = g.units[np.argsort(scores[g.units], kind="stable")]
+        removed.append(order[: n - keep])
+    return np.concatenate(removed) if removed else np.zeros(0, np.int64)
+
+
+def _select_threshold(deps: Dependencies, scores: np.ndarray, threshold: float, round_to: int) -> np.ndarray:
+    removed = []
+    for g in deps.groups:
+        n = len(g.units)
+        if n <= 1:
+            continue
+        below = int((scores[g.units] < threshold).sum())
+        keep = _keep_count(n, below, round_to)
+        order = g.units[np.argsort(scores[g.units], kind="stable")]
+        removed.append(order[: n - keep])
+    return np.concatenate(removed) if removed else np.zeros(0, np.int64)
+
+
+def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple) -> np.ndarray:
+    """Smallest uniform ratio whose pruned copy has MACs <= target (bisection, 10 steps)."""
+    base = count_macs(gm, inputs)
+    goal = target * base if target <= 1 else target
+    lo, hi = 0.0, 0.95
+    best = _select_ratio(deps, scores, hi, round_to)
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        removed = _select_ratio(deps, scores, mid, round_to)
+        trial = copy.deepcopy(gm)
+        apply_pruning(trial, deps, removed)
+        if count_macs(trial, inputs) <= goal:
+            hi, best = mid, removed
+        else:
+            lo = mid
+    return best
+
+
+def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Rewrite ``gm`` in place: slice tensors, update module attributes and graph constants.
+
+    Returns ``{family: (width before, width after)}`` for every family that changed.
+    """
+    keep = deps.kept_atoms(removed_units)
+    per_tensor: dict[str, dict[int, torch.Tensor]] = {}
+    for (name, dim), atoms in deps.bindings.items():
+        mask = keep[atoms]
+        if not mask.all():
+            per_tensor.setdefault(name, {})[dim] = torch.from_numpy(np.nonzero(mask)[0])
+    for name, dims in per_tensor.items():
+        aliases = deps.aliases.get(name, [name])
+        owner, attr = _owner(gm, aliases[0])
+        old = getattr(owner, attr)
+        new = old.detach()
+        for dim, idx in sorted(dims.items()):
+            new = new.index_select(dim, idx.to(new.device))
+        new = new.clone()
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        for alias in aliases:
+            mod, a = _owner(gm, alias)
+            if a in mod._parameters:
+                mod._parameters[a] = new
+            elif a in mod._buffers:
+                mod._buffers[a] = new
+            else:
+                setattr(mod, a, new)
+    for rw in deps.attr_rewrites:
+        setattr(gm.get_submodule(rw.module), rw.attr, rw.value(int(keep[rw.atoms].sum())))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for rw in deps.arg_rewrites:
+        node = nodes[rw.node]
+        node.args = _set_path(node.args, rw.path, rw.value(int(keep[rw.atoms].sum())))
+    gm.recompile()
+    fams = deps.family_of[1:]
+    before = np.bincount(fams, minlength=len(deps.families))
+    after = np.bincount(fams, weights=keep[1:].astype(np.float64), minlength=len(deps.families)).astype(np.int64)
+    return {label: (int(b), int(a)) for label, b, a in zip(deps.families, before, after) if a != b}
+
+
+def _owner(gm: GraphModule, qualname: str) -> tuple[nn.Module, str]:
+    path, _, attr = qualname.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+def _set_path(args: Any, path: tuple[int, ...], value: Any) -> Any:
+    items = list(args)
+    if len(path) == 1:
+        items[path[0]] = value
+    else:
+        items[path[0]] = _set_path(items[path[0]], path[1:], value)
+    return tuple(items) if isinstance(args, tuple) else items
+
+
+def _remove_branches(gm: GraphModule, calib: list, cap_ratio: float | None) -> list[str]:
+    """Node-level CDG: replace ``x + f(x)`` by ``x`` where ``f(x)`` is less efficient than the
+    model output (at most ``cap_ratio`` of the residual adds when given)."""
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2]
+    pairs = []
+    for node in adds:
+        a, b = node.args
+        if not isinstance(a, Node) or not isinstance(b, Node):
+            continue
+        for skip, branch in ((a, b), (b, a)):
+            if _is_ancestor(skip, branch):
+                if _shape(skip) is not None and _shape(skip) == _shape(node):
+                    pairs.append((node, skip, branch))
+                break
+    if not pairs:
+        return []
+    acts, out_eff = _calibrate(gm, calib, {branch.name for _, _, branch in pairs})
+    candidates = []
+    for node, skip, branch in pairs:
+        act = acts.get(branch.name)
+        if act is None:
+            continue
+        axis = 1 if act.dim() == 4 else act.dim() - 1  # channels of feature maps, features otherwise
+        e = float(measures.efficiency(act.float(), dim=axis))
+        if e < out_eff:
+            candidates.append((e, node, skip))
+    candidates.sort(key=lambda c: c[0])
+    if cap_ratio is not None:
+        candidates = candidates[: int(math.floor(cap_ratio * len(adds)))]
+    removed = []
+    for _, node, skip in candidates:
+        node.replace_all_uses_with(skip)
+        gm.graph.erase_node(node)
+        removed.append(node.name)
+    if removed:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return removed
+
+
+def _shape(node: Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _is_ancestor(a: Node, b: Node, limit: int = 10_000) -> bool:
+    stack, seen = [b], set()
+    while stack and len(seen) < limit:
+        cur = stack.pop()
+        if cur is a:
+            return True
+        if cur in seen:
+            continue
+        seen.add(cur)
+        stack.extend(cur.all_input_nodes)
+    return False
