@@ -126,6 +126,28 @@ def example_inputs(shapes: list[str], default: list[tuple[int, ...]] | None, nam
     return tuple(torch.randn(s, generator=gen) for s in parsed)
 
 
+def calibration_batches(inputs: tuple, count: int, data: str | None) -> list[tuple]:
+    """``count`` calibration batches shaped like ``inputs``: random (seeded) or from a data set."""
+    import torch
+
+    if data is None:
+        gen = torch.Generator().manual_seed(1)
+        return [inputs] + [tuple(torch.randn(t.shape, generator=gen) for t in inputs) for _ in range(count - 1)]
+    if data != "digits":
+        raise UsageError(f"--data {data!r} is not a known data set; known: digits")
+    if len(inputs) != 1 or tuple(inputs[0].shape[1:]) not in ((1, 8, 8), (64,)):
+        raise UsageError(f"--data digits gives 1x8x8 images (or 64 features), but the model takes {_shapes(inputs)}")
+    from .data import load_digits_split
+
+    x = load_digits_split().x_train.reshape((-1, *inputs[0].shape[1:]))
+    size = max(inputs[0].shape[0], 32)
+    return [(x[i * size : (i + 1) * size],) for i in range(min(count, len(x) // size))]
+
+
+def _shapes(inputs: tuple) -> str:
+    return ", ".join("x".join(map(str, t.shape)) for t in inputs)
+
+
 ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision:NAME, package.module:factory, or FILE.pt", show_default=False)]
 InputShapeOpt = Annotated[list[str], typer.Option("--input-shape", "-s", help="example input shape, e.g. 1,3,224,224 (repeat for several inputs)")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="state dict (.safetensors, or .pt read with weights_only=True) for a factory/torchvision model")]
@@ -151,6 +173,8 @@ def transform(
     force: Annotated[bool, typer.Option("--force", help="overwrite existing output files")] = False,
     pickle_ok: Annotated[bool, typer.Option("--pickle", help="save a pickled GraphModule when the safe format cannot hold it")] = False,
     train_mode: Annotated[bool, typer.Option("--train-mode", help="trace in training mode (default: eval mode)")] = False,
+    calib: Annotated[int, typer.Option("--calib", help="calibration batches for data-driven passes (cdg-prune)", min=1)] = 1,
+    data: Annotated[Optional[str], typer.Option("--data", help="calibration data: 'digits' (scikit-learn's digits images); default: random inputs")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Trace MODEL, run the pass pipeline, verify after every pass, print the report, save the result."""
@@ -173,7 +197,8 @@ def transform(
         if not train_mode:
             module.eval()
         inputs = example_inputs(input_shape, default_shape, name)
-        result = pipeline.run(module, inputs, leaf_modules=leaf, on_step=step)
+        calibration = calibration_batches(inputs, calib, data)
+        result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step)
     result.report.model = name
     result.report.print(out)
     if dry_run:

@@ -408,3 +408,21 @@ def _is_ancestor(a: Node, b: Node, limit: int = 10_000) -> bool:
         seen.add(cur)
         stack.extend(cur.all_input_nodes)
     return False
+
+
+def cdg_freeze(model: nn.Module, outputs: torch.Tensor, eps: float = measures.EPS) -> list[str]:
+    """The seed's training-time CDG rule, as a hook to call between ``backward()`` and ``step()``.
+
+    The seed's ``cosmic_dynamic_graph`` computes the output efficiency ``E_out`` (softmax over the
+    last axis) and sets ``param.grad = None`` for every parameter whose own efficiency (softmax
+    over dim 0) is lower, so that the optimizer skips it this step. It saves no computation (the
+    full backward already ran); it is here so the rule can be compared with real pruning.
+    Returns the names of the parameters it froze.
+    """
+    threshold = float(measures.efficiency(outputs.detach(), dim=-1, eps=eps))
+    frozen = []
+    for name, p in model.named_parameters():
+        if p.grad is not None and float(measures.efficiency(p.detach(), dim=0, eps=eps)) < threshold:
+            p.grad = None
+            frozen.append(name)
+    return frozen
