@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ import qcd_fx
 from qcd_fx import zoo
 from qcd_fx.analysis import count_macs, count_params
 from qcd_fx.passes import Pipeline
+from qcd_fx.passes.interface import gate_site
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,15 +57,31 @@ def time_passes(gm, pipeline: Pipeline, repeats: int) -> tuple[float, float]:
         total = time.perf_counter() - t0
         pass_times.append(total - checks)
         total_times.append(total)
+        del work
     return statistics.median(pass_times), statistics.median(total_times)
 
 
-def measure(name: str, repeats: int) -> dict:
+def full_gate_params(gm) -> int:
+    """Parameters that full-rank gates would add (d*d + 2d + 2 per wide call site)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            site = gate_site(gm.get_submodule(node.target))
+            if site and site[0] > 10:
+                total += site[0] ** 2 + 2 * site[0] + 2
+    return total
+
+
+def measure(name: str, repeats: int, max_gate_params: int) -> dict:
     model, shape = zoo.build(name, small=True)
     x = torch.randn(shape)
     gm = qcd_fx.trace(model)
     row = {"model": name, "nodes": len(gm.graph.nodes), "input": list(shape), "params": count_params(gm), "macs": count_macs(gm, (x,))}
+    extra = full_gate_params(gm)
     for label, spec in (("rank8", "qci{rank=8},csc"), ("full", "qci,csc")):
+        if label == "full" and extra > max_gate_params:
+            row[label] = {"skipped": f"full-rank gates would add {extra / 1e6:.0f}M parameters (> {max_gate_params / 1e6:.0f}M memory guard)"}
+            continue
         pipeline = Pipeline.parse(spec)
         pass_s, pipeline_s = time_passes(gm, pipeline, repeats)
         result = pipeline.run(model, (x,))
@@ -77,6 +95,8 @@ def measure(name: str, repeats: int) -> dict:
             "param_overhead": result.report.final.params / row["params"] - 1,
             "mac_overhead": result.report.final.macs / row["macs"] - 1 if row["macs"] else None,
         }
+        del result
+        gc.collect()
     return row
 
 
@@ -99,6 +119,9 @@ def markdown(rows: list[dict], fit: dict) -> str:
     ]
     for r in rows:
         f, e = r["full"], r["rank8"]
+        if "skipped" in f:
+            lines.append(f"| {r['model']} | {r['nodes']} | {e['pass_s']:.3f} | {e['pipeline_s']:.3f} | skipped | — / {e['param_overhead']:+.1%} | — / {e['mac_overhead']:+.1%} |")
+            continue
         lines.append(
             f"| {r['model']} | {r['nodes']} | {e['pass_s']:.3f} | {e['pipeline_s']:.3f} | {f['pass_s']:.3f} | "
             f"{f['param_overhead']:+.1%} / {e['param_overhead']:+.1%} | {f['mac_overhead']:+.1%} / {e['mac_overhead']:+.1%} |"
@@ -116,18 +139,20 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", help="torchvision model names (default: the whole zoo)")
     ap.add_argument("--quick", action="store_true", help="only the CI subset")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-gate-params", type=float, default=150e6, help="skip full-rank gates above this many added parameters")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "transform_cost"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.models or (list(zoo.CI_SUBSET) if args.quick else zoo.classification_models())
     rows = []
     for name in names:
-        row = measure(name, args.repeats)
+        row = measure(name, args.repeats, int(args.max_gate_params))
         rows.append(row)
         e, f = row["rank8"], row["full"]
+        full = f"pass(full)={f['pass_s']:.3f}s params +{f['param_overhead']:.1%} MACs +{f['mac_overhead']:.1%}" if "pass_s" in f else f["skipped"]
         print(
-            f"{name:24s} nodes={row['nodes']:5d} pass(r8)={e['pass_s']:.3f}s pipeline(r8)={e['pipeline_s']:.3f}s pass(full)={f['pass_s']:.3f}s "
-            f"params +{f['param_overhead']:.1%}/+{e['param_overhead']:.1%} MACs +{f['mac_overhead']:.1%}/+{e['mac_overhead']:.1%}",
+            f"{name:24s} nodes={row['nodes']:5d} pass(r8)={e['pass_s']:.3f}s pipeline(r8)={e['pipeline_s']:.3f}s "
+            f"params(r8) +{e['param_overhead']:.1%} MACs(r8) +{e['mac_overhead']:.1%} | {full}",
             flush=True,
         )
     fit = linear_fit([r["nodes"] for r in rows], [r["rank8"]["pipeline_s"] for r in rows])
@@ -135,11 +160,12 @@ def main() -> None:
     summary = {
         "fit": fit,
         "resnet50_pipeline_s": resnet50 and resnet50["rank8"]["pipeline_s"],
-        "resnet50_pipeline_full_s": resnet50 and resnet50["full"]["pipeline_s"],
+        "resnet50_pipeline_full_s": resnet50 and resnet50["full"].get("pipeline_s"),
         "max_pipeline_s_rank8": max(r["rank8"]["pipeline_s"] for r in rows),
-        "median_mac_overhead_full": statistics.median(r["full"]["mac_overhead"] for r in rows),
+        "median_mac_overhead_full": statistics.median(r["full"]["mac_overhead"] for r in rows if "mac_overhead" in r["full"]),
         "median_mac_overhead_rank8": statistics.median(r["rank8"]["mac_overhead"] for r in rows),
-        "median_param_overhead_full": statistics.median(r["full"]["param_overhead"] for r in rows),
+        "median_param_overhead_full": statistics.median(r["full"]["param_overhead"] for r in rows if "param_overhead" in r["full"]),
+        "full_rank_skipped": [r["model"] for r in rows if "skipped" in r["full"]],
         "median_param_overhead_rank8": statistics.median(r["rank8"]["param_overhead"] for r in rows),
     }
     meta = {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(), "threads": 1, "repeats": args.repeats}
