@@ -4,13 +4,13 @@ from hypothesis import strategies as st
 
 import qcd_fx
 from qcd_fx.errors import PipelineSpecError
-from qcd_fx.passes import CSC, QCI, Pipeline, registry
+from qcd_fx.passes import CSC, QCI, CDGPrune, Pipeline, registry
 
 
 def test_public_api_example():
     assert Pipeline.parse("qci{min_width=64}") == Pipeline([QCI(min_width=64)])
     assert qcd_fx.Pipeline.parse("qci{min_width=64}") == qcd_fx.Pipeline([qcd_fx.passes.QCI(min_width=64)])
-    assert registry()["qci"] is QCI and registry()["csc"] is CSC
+    assert registry()["qci"] is QCI and registry()["csc"] is CSC and registry()["cdg-prune"] is CDGPrune
 
 
 def test_full_spec_maps_one_to_one():
@@ -76,8 +76,18 @@ csc_passes = st.builds(
 )
 
 
+prune_passes = st.builds(
+    CDGPrune,
+    ratio=st.one_of(st.none(), st.floats(0, 0.99).map(lambda f: round(f, 3))),
+    criterion=st.sampled_from(["cdg", "l1", "l2", "random"]),
+    round_to=st.integers(1, 64),
+    scope=st.sampled_from(["channels", "nodes", "both"]),
+    seed=st.integers(0, 1000),
+)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(qci_passes, csc_passes), min_size=1, max_size=5))
+@given(st.lists(st.one_of(qci_passes, csc_passes, prune_passes), min_size=1, max_size=5))
 def test_spec_round_trips(passes):
     pipeline = Pipeline(passes)
     assert Pipeline.parse(str(pipeline)) == pipeline
