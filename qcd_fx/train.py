@@ -1,0 +1,469 @@
+"""A small, honest training loop for (transformed) models: :func:`fit`, :func:`evaluate`, and
+:func:`train_on_digits`, which the ``qcd-fx train`` command wraps.
+
+:func:`fit` drives three kinds of optimizer:
+
+* population optimizers (:class:`~qcd_fx.optim.QIMAD`): ``optimizer.step(model=, batch=, loss_fn=)``,
+  which evaluates every agent on the same batch in one vectorised call (and tells the optimizer
+  the total number of steps, so its cooling schedule runs);
+* closure optimizers (``torch.optim.LBFGS``, or any optimizer with ``requires_closure = True``):
+  ``optimizer.step(closure)``;
+* everything else: ``zero_grad`` / ``backward`` / ``step``.
+
+It returns a :class:`History` (per epoch: mean training loss, training accuracy where the
+optimizer's forward pass is visible, validation loss and accuracy, wall time of the training
+part of the epoch, learning rate). Progress is drawn with Rich on stderr and can be turned off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+OPTIMIZERS = ("sgd", "adam", "cce", "cce-seed", "qimad")
+"""Names accepted by :func:`make_optimizer` and :func:`train_on_digits`."""
+
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "cce": 0.1, "cce-seed": 0.1, "qimad": 2e-3}
+"""Default learning rates (digits; chosen on a validation split by ``benchmarks/optimizers.py``)."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+    lr: float | None
+
+
+@dataclass
+class History:
+    """What :func:`fit` measured, one :class:`EpochRecord` per epoch, plus free-form ``meta``."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def column(self, name: str) -> list:
+        return [getattr(e, name) for e in self.epochs]
+
+    @property
+    def final_val_accuracy(self) -> float | None:
+        return self.epochs[-1].val_accuracy if self.epochs else None
+
+    def epochs_to(self, accuracy: float) -> int | None:
+        """First epoch (1-based) whose validation accuracy is >= ``accuracy``, or None."""
+        for e in self.epochs:
+            if e.val_accuracy is not None and e.val_accuracy >= accuracy:
+                return e.epoch
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": [asdict(e) for e in self.epochs], "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        return cls([EpochRecord(**e) for e in data["epochs"]], dict(data.get("meta", {})))
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+def _split(batch: Any) -> tuple[Any, Tensor]:
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise ValueError("each batch must be a pair (inputs, targets)")
+    return batch[0], batch[1]
+
+
+def _call(model: nn.Module, inputs: Any) -> Tensor:
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _correct(out: Tensor, target: Tensor) -> int | None:
+    if out.dim() != 2 or target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+        return None
+    return int((out.argmax(1) == target).sum())
+
+
+def _is_population(optimizer: Optimizer) -> bool:
+    return bool(getattr(optimizer, "population_based", False))
+
+
+def _needs_closure(optimizer: Optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.LBFGS) or bool(getattr(optimizer, "requires_closure", False))
+
+
+def _lr(optimizer: Optimizer) -> float | None:
+    lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+    return float(lr) if isinstance(lr, (int, float, Tensor)) else None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFn = F.cross_entropy, device: torch.device | str | None = None) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` (eval mode) over ``loader``; the training flag is restored.
+
+    Returns ``{"loss", "accuracy", "n"}``; ``accuracy`` is NaN if the outputs are not class scores.
+    """
+    dev = torch.device(device) if device is not None else None
+    was_training = model.training
+    model.eval()
+    total = correct = 0
+    loss_sum = 0.0
+    accuracy_known = True
+    try:
+        for batch in loader:
+            inputs, target = _split(_to_device(batch, dev))
+            out = _call(model, inputs)
+            n = len(target)
+            loss_sum += float(loss_fn(out, target)) * n
+            c = _correct(out, target)
+            if c is None:
+                accuracy_known = False
+            else:
+                correct += c
+            total += n
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return {"loss": loss_sum / total, "accuracy": correct / total if accuracy_known else math.nan, "n": total}
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    optimizer: Optimizer,
+    epochs: int,
+    *,
+    val_loader: Iterable | None = None,
+    loss_fn: LossFn = F.cross_entropy,
+    scheduler: Any = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> History:
+    """Train ``model`` for ``epochs`` passes over ``train_loader`` and return the :class:`History`.
+
+    ``scheduler`` (optional) is stepped once per epoch. ``on_epoch`` is called with each record.
+    Batches must be ``(inputs, targets)`` pairs; ``inputs`` may be a tuple of positional inputs.
+    A non-finite training loss stops training with a ``FloatingPointError`` naming the epoch/step.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    dev = torch.device(device) if device is not None else None
+    history = History(meta={"optimizer": type(optimizer).__name__, "epochs": epochs})
+    population = _is_population(optimizer)
+    closure_style = not population and _needs_closure(optimizer)
+    if population and hasattr(optimizer, "set_total_steps"):
+        try:
+            steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            steps_per_epoch = None
+        if steps_per_epoch:
+            optimizer.set_total_steps(epochs * steps_per_epoch, only_if_unset=True)
+
+    bar = None
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=Console(file=sys.stderr), transient=False,
+        )  # fmt: skip
+        bar.start()
+    try:
+        task = None
+        if bar is not None:
+            try:
+                total = len(train_loader)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+            task = bar.add_task("train", total=total, epoch=0, epochs=epochs, info="")
+        for epoch in range(1, epochs + 1):
+            model.train()
+            if bar is not None:
+                bar.reset(task, epoch=epoch, epochs=epochs, info="")
+            loss_sum = 0.0
+            seen = correct = 0
+            accuracy_known = not population
+            t0 = time.perf_counter()
+            for step, batch in enumerate(train_loader, 1):
+                inputs, target = _split(_to_device(batch, dev))
+                n = len(target)
+                if population:
+                    loss_value = float(optimizer.step(model=model, batch=(inputs, target), loss_fn=loss_fn))
+                    c = None
+                elif closure_style:
+                    seen_out: list[Tensor] = []
+
+                    def closure() -> Tensor:
+                        optimizer.zero_grad()
+                        out = _call(model, inputs)
+                        loss = loss_fn(out, target)
+                        loss.backward()
+                        if not seen_out:
+                            seen_out.append(out.detach())
+                        return loss
+
+                    ret = optimizer.step(closure)
+                    loss_value = float(ret.detach()) if isinstance(ret, Tensor) else float(ret)
+                    c = _correct(seen_out[0], target) if seen_out else None
+                else:
+                    optimizer.zero_grad()
+                    out = _call(model, inputs)
+                    loss = loss_fn(out, target)
+                    loss.backward()
+                    optimizer.step()
+                    loss_value = float(loss.detach())
+                    c = _correct(out.detach(), target)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss is {loss_value} at epoch {epoch}, step {step}; lower the learning rate")
+                loss_sum += loss_value * n
+                seen += n
+                if c is None:
+                    accuracy_known = False
+                else:
+                    correct += c
+                if bar is not None:
+                    bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
+            seconds = time.perf_counter() - t0
+            if seen == 0:
+                raise ValueError("fit: the training loader yielded no batches")
+            lr = _lr(optimizer)
+            if scheduler is not None:
+                scheduler.step()
+            val = evaluate(model, val_loader, loss_fn, dev) if val_loader is not None else None
+            record = EpochRecord(
+                epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen if accuracy_known else None,
+                val_loss=val["loss"] if val else None, val_accuracy=val["accuracy"] if val else None,
+                seconds=seconds, lr=lr,
+            )  # fmt: skip
+            history.epochs.append(record)
+            if bar is not None:
+                acc = f", val acc {record.val_accuracy:.4f}" if record.val_accuracy is not None else ""
+                bar.update(task, info=f"loss {record.train_loss:.4f}{acc}")
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return history
+
+
+# ── optimizers by name ─────────────────────────────────────────────────────────────────────────
+
+
+def make_optimizer(name: str, params: Iterable, *, lr: float | None = None, seed: int = 0, **options: Any) -> Optimizer:
+    """Build one of :data:`OPTIMIZERS` with the project's defaults (``lr=None``: :data:`DEFAULT_LR`).
+
+    ``sgd`` is SGD with momentum 0.9 (``foreach``); ``adam`` is Adam (``foreach``); ``cce`` is
+    :class:`~qcd_fx.optim.CCE` with its defaults; ``cce-seed`` is CCE with ``mode="seed"``;
+    ``qimad`` is :class:`~qcd_fx.optim.QIMAD` (8 agents) seeded with ``seed``. ``options`` are
+    passed on to the optimizer's constructor.
+    """
+    from .optim import CCE, QIMAD
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    lr = DEFAULT_LR[name] if lr is None else float(lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, "foreach": True, **options})
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, **{"foreach": True, **options})
+    if name == "cce":
+        return CCE(params, lr=lr, **options)
+    if name == "cce-seed":
+        return CCE(params, lr=lr, **{"mode": "seed", **options})
+    return QIMAD(params, lr=lr, **{"seed": seed, **options})
+
+
+# ── digits ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def _digits_input(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """How to feed digits images to ``model``: as ``(N, 1, 8, 8)`` images or flattened ``(N, 64)``."""
+    errors = []
+    for name, fn in (("(N, 1, 8, 8) images", lambda t: t), ("(N, 64) vectors", lambda t: t.flatten(1))):
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(fn(x[:2]))
+        except Exception as e:  # noqa: BLE001 - the model rejects this layout; try the next one
+            errors.append(f"{name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            continue
+        finally:
+            model.train(was)
+        if not isinstance(out, Tensor) or out.shape != (2, 10):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            errors.append(f"{name}: output {shape}, expected (2, 10) class scores")
+            continue
+        return fn
+    raise ValueError("the model does not fit the digits data (8x8 images, 10 classes): " + "; ".join(errors))
+
+
+class _Flat(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.flatten(1))
+
+
+def _output_paths(out_prefix: str | os.PathLike, overwrite: bool) -> dict[str, Path]:
+    prefix = Path(out_prefix)
+    base = prefix.name[: -len(".pt")] if prefix.name.endswith(".pt") else prefix.name
+    if not base:
+        raise ValueError(f"output prefix {str(out_prefix)!r} has no file name")
+    paths = {
+        "model": prefix.with_name(base + ".pt"),
+        "history": prefix.with_name(base + ".history.json"),
+        "curve": prefix.with_name(base + ".curve.png"),
+    }
+    if not prefix.parent.is_dir():
+        raise ValueError(f"output directory {str(prefix.parent)!r} does not exist")
+    if not overwrite:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} exists; choose another output name or pass overwrite=True (--force)")
+    return paths
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def plot_history(histories: dict[str, History], path: str | os.PathLike, title: str = "") -> None:
+    """Learning curves (training loss, validation accuracy per epoch) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, h in histories.items():
+        ep = h.column("epoch")
+        ax_loss.plot(ep, h.column("train_loss"), label=label)
+        acc = [a if a is not None else math.nan for a in h.column("val_accuracy")]
+        ax_acc.plot(ep, [100 * a for a in acc], label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3)
+    ax_acc.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    target = Path(path)
+    try:
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def train_on_digits(
+    model: nn.Module,
+    optimizer_name: str,
+    epochs: int,
+    *,
+    batch_size: int = 64,
+    lr: float | None = None,
+    seed: int = 0,
+    out_prefix: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    optimizer_options: dict[str, Any] | None = None,
+    save_model: Callable[[nn.Module, str], None] | None = None,
+) -> History:
+    """Train ``model`` on the bundled digits data (80/20 stratified split) and return the history.
+
+    The history's validation columns are the **test** split (nothing is tuned on them here).
+    ``seed`` fixes the shuffling and the optimizer's randomness (the model's initial weights are
+    whatever ``model`` holds). The model may take ``(N, 1, 8, 8)`` images or ``(N, 64)`` vectors.
+
+    With ``out_prefix`` (e.g. ``"runs/mlp"`` or ``"runs/mlp.pt"``) three files are written, each
+    through a temporary file and an atomic rename: ``<prefix>.pt`` (the trained model:
+    ``save_model(model, path)`` if given, else ``torch.save(model.state_dict(), path)``),
+    ``<prefix>.history.json`` and ``<prefix>.curve.png``. Existing files raise ``FileExistsError``
+    before training starts unless ``overwrite=True``.
+    """
+    from .data import digits_loaders
+
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer_name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    paths = _output_paths(out_prefix, overwrite) if out_prefix is not None else None
+    train_loader, test_loader, _ = digits_loaders(batch_size, seed=seed)
+    x0 = next(iter(test_loader))[0]
+    feed = _digits_input(model, x0)
+    net = model if feed(x0).dim() == 4 else _Flat(model)
+    opt = make_optimizer(optimizer_name, model.parameters(), lr=lr, seed=seed, **(optimizer_options or {}))
+    history = fit(net, train_loader, opt, epochs, val_loader=test_loader, progress=progress)
+    history.meta.update(
+        optimizer=optimizer_name, lr=opt.param_groups[0]["lr"], batch_size=batch_size, seed=seed,
+        data="digits (sklearn), 80/20 stratified split, split_seed=0; val_* columns are the test split",
+        final_test_accuracy=history.final_val_accuracy, torch=torch.__version__,
+    )  # fmt: skip
+    if paths is not None:
+        if save_model is not None:
+            atomic_write(paths["model"], lambda tmp: save_model(model, tmp))
+        else:
+            atomic_write(paths["model"], lambda tmp: torch.save(model.state_dict(), tmp))
+        text = json.dumps(history.to_dict(), indent=2)
+        atomic_write(paths["history"], lambda tmp: Path(tmp).write_text(text + "\n"))
+        plot_history({optimizer_name: history}, paths["curve"], title=f"digits, {optimizer_name}")
+        history.meta["outputs"] = {k: str(v) for k, v in paths.items()}
+    return history
+
+
+__all__ = [
+    "OPTIMIZERS",
+    "DEFAULT_LR",
+    "EpochRecord",
+    "History",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "plot_history",
+    "train_on_digits",
+    "atomic_write",
+]

@@ -1,0 +1,469 @@
+"""QIMAD: the seed's dynamics (checked against a literal re-computation of a step), the vectorised
+and closure paths agreeing, bit-identical resumption, and the fixes (NaN agents, round robin,
+tunnelling, cooling, topologies)."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcd_fx.examples import digits_cnn, digits_mlp
+from qcd_fx.optim import QIMAD
+from qcd_fx.optim.qimad import build_neighbors, fidelity_matrix, temperature
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the tests share two cores; oversubscribed OpenMP threads slow them ~10x."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _batches(n, seed=0, batch=32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def _mlp(seed=0, hidden=32, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return digits_mlp(hidden=hidden).to(dtype)
+
+
+def _run_batched(model, opt, batches):
+    return [opt.step(model=model, batch=b, loss_fn=F.cross_entropy) for b in batches]
+
+
+def _run_closure(model, opt, batches):
+    out = []
+    for x, y in batches:
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        out.append(opt.step(closure))
+    return out
+
+
+# ── the seed's formulas ────────────────────────────────────────────────────────────────────────
+
+
+def _seed_fidelity(ai, bi, aj, bj, k):
+    """The seed's ``QIMADTorch._fidelity``, literally."""
+    re = math.cos(ai / 2) * math.cos(aj / 2) + math.cos(bj - bi) * math.sin(ai / 2) * math.sin(aj / 2)
+    im = math.sin(bj - bi) * math.sin(ai / 2) * math.sin(aj / 2)
+    return (re**2 + im**2) ** (k / 2)
+
+
+def test_fidelity_matrix_equals_the_seed_formula():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(6, generator=g, dtype=torch.float64) * math.pi
+    b = torch.rand(6, generator=g, dtype=torch.float64) * 2 * math.pi
+    for k in (1, 2, 3.5):
+        f = fidelity_matrix(a, b, k)
+        for i in range(6):
+            for j in range(6):
+                assert float(f[i, j]) == pytest.approx(_seed_fidelity(float(a[i]), float(b[i]), float(a[j]), float(b[j]), k), rel=1e-12, abs=1e-15)
+        assert torch.allclose(torch.diagonal(f), torch.ones(6, dtype=torch.float64))
+
+
+def test_temperature_schedules_match_the_seed_and_never_increase():
+    for cooling in ("cosine", "linear", "exponential"):
+        ts = [temperature(s, 100, cooling, 0.05) for s in range(0, 130)]
+        assert ts[0] == pytest.approx(1.0)
+        assert ts[100] == pytest.approx(0.05 if cooling != "exponential" else max(0.05, math.exp(-5)))
+        assert all(a >= b for a, b in zip(ts, ts[1:]))
+    assert temperature(50, 100, "cosine", 0.05) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert temperature(30, None, "cosine", 0.05) == 1.0
+    assert temperature(30, 100, None, 0.05) == 1.0
+
+
+def test_topologies():
+    assert build_neighbors(4, "complete") == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    assert build_neighbors(5, "ring") == [[1, 4], [0, 2], [1, 3], [2, 4], [0, 3]]
+    assert build_neighbors(1, "ring") == [[]]
+    assert build_neighbors(2, "ring") == [[1], [0]]
+    # 8 agents on a 3x3 grid (last cell empty)
+    assert build_neighbors(8, "grid") == [[3, 1], [4, 0, 2], [5, 1], [0, 6, 4], [1, 7, 3, 5], [2, 4], [3, 7], [4, 6]]
+    r1 = build_neighbors(10, "random", torch.Generator().manual_seed(5))
+    r2 = build_neighbors(10, "random", torch.Generator().manual_seed(5))
+    r3 = build_neighbors(10, "random", torch.Generator().manual_seed(6))
+    assert r1 == r2 and r1 != r3
+    assert all(row and i not in row for i, row in enumerate(r1))
+    assert all(i in r1[j] for i, row in enumerate(r1) for j in row)  # symmetric
+
+
+def test_single_agent_without_bias_correction_is_torch_rmsprop():
+    """The seed's claim: one agent has no neighbours, so QIMAD is pure RMSProp."""
+    batches = _batches(6)
+    m1, m2 = _mlp(), _mlp()
+    q = QIMAD(m1.parameters(), num_agents=1, lr=1e-3, bias_correction=False, seed=0, total_steps=6)
+    _run_batched(m1, q, batches)
+    r = torch.optim.RMSprop(m2.parameters(), lr=1e-3, alpha=0.99, eps=1e-8)
+    for x, y in batches[:-1]:  # QIMAD's model holds the agent's *evaluated* (pre-update) weights
+        r.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        r.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_first_step_with_bias_correction_moves_weights_by_about_lr():
+    m = _mlp()
+    before = [p.detach().clone() for p in m.parameters()]
+    for bias_correction, expected in ((True, 1.0), (False, 10.0)):
+        opt = QIMAD(m.parameters(), num_agents=1, lr=1e-3, bias_correction=bias_correction, seed=0, total_steps=10)
+        opt.step(model=m, batch=_batches(1)[0], loss_fn=F.cross_entropy)
+        moved = (opt.agent_positions()[0] - torch.cat([b.flatten() for b in before])).abs()
+        big = moved[moved > 1e-6]  # elements with a non-zero gradient move by lr*|g|/(sqrt((1-rho) g^2 / bc))
+        assert float(big.median()) == pytest.approx(expected * 1e-3, rel=1e-3)
+
+
+def _literal_first_step(model, batch, n, seed, lr, gamma, k, pull, init_noise, rho=0.99, eps=1e-8):
+    """One QIMAD step recomputed from the documented formulas, drawing the same random numbers."""
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.cat([p.detach().flatten() for p in params])
+    pos = flat.repeat(n, 1)
+    rms = torch.cat([torch.full((p.numel(),), float(p.detach().double().pow(2).mean().sqrt())) for p in params])
+    pos[1:] += torch.randn(n - 1, flat.numel(), generator=gen) * (init_noise * rms)
+    angles = torch.rand(2, n, generator=gen, dtype=torch.float64)
+    alphas, betas = (angles[0] * math.pi).tolist(), (angles[1] * 2 * math.pi).tolist()
+    losses, grads = [], []
+    for i in range(n):  # evaluate every agent at the pre-step positions
+        with torch.no_grad():
+            off = 0
+            for p in params:
+                p.copy_(pos[i, off : off + p.numel()].view_as(p))
+                off += p.numel()
+        model.zero_grad()
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    best = min(range(n), key=lambda i: losses[i])
+    torch.randn(2, n, generator=gen, dtype=torch.float64)  # the angle random walk
+    uniforms = torch.rand(2, n, generator=gen, dtype=torch.float64)
+    new = pos.clone()
+    for i in range(n):
+        nb = [j for j in range(n) if j != i]
+        raw = [_seed_fidelity(alphas[i], betas[i], alphas[j], betas[j], k) for j in nb]
+        wsum = sum(raw) + 1e-8
+        v = (1 - rho) * grads[i] ** 2
+        delta = -lr * grads[i] / (torch.sqrt(v / (1 - rho)) + eps)
+        delta += pull * float(uniforms[1, i]) * (pos[best] - pos[i])
+        delta += gamma * sum((w / wsum) * (pos[j] - pos[i]) for w, j in zip(raw, nb))
+        new[i] = pos[i] + delta  # synchronous: every term uses the pre-step positions
+    return new, pos[best], losses[best]
+
+
+def test_one_step_equals_a_literal_recomputation_of_the_dynamics():
+    batch = _batches(1, batch=16)[0]
+    kw = dict(lr=3e-3, gamma=0.3, k=3, pull=0.2, init_noise=0.05)
+    ref_model = _mlp(hidden=16)
+    expected, best_row, best_loss = _literal_first_step(ref_model, batch, n=4, seed=11, **kw)
+    model = _mlp(hidden=16)
+    opt = QIMAD(model.parameters(), num_agents=4, seed=11, total_steps=10, **kw)
+    loss = opt.step(model=model, batch=batch, loss_fn=F.cross_entropy)
+    torch.testing.assert_close(opt.agent_positions(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in model.parameters()]), best_row, rtol=1e-6, atol=1e-7)
+    assert loss == pytest.approx(best_loss, rel=1e-5)
+
+
+# ── paths agree ────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("k_eval", [None, 3])
+def test_vmap_and_closure_paths_give_the_same_trajectory(k_eval):
+    batches = _batches(8)
+    m1, m2 = _mlp(), _mlp()
+    kw = dict(num_agents=6, seed=3, k_eval=k_eval, total_steps=8, patience=1)
+    o1, o2 = QIMAD(m1.parameters(), **kw), QIMAD(m2.parameters(), **kw)
+    l1 = _run_batched(m1, o1, batches)
+    l2 = _run_closure(m2, o2, batches)
+    torch.testing.assert_close(o1.agent_positions(), o2.agent_positions(), rtol=0, atol=1e-5)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert l1 == pytest.approx(l2, abs=1e-5)
+    assert o1.best_agent == o2.best_agent
+
+
+def test_loop_evaluation_equals_vmap_evaluation():
+    batches = _batches(5)
+    m1, m2 = _mlp(), _mlp()
+    o1 = QIMAD(m1.parameters(), seed=1, total_steps=5, evaluation="vmap")
+    o2 = QIMAD(m2.parameters(), seed=1, total_steps=5, evaluation="loop")
+    _run_batched(m1, o1, batches)
+    _run_batched(m2, o2, batches)
+    torch.testing.assert_close(o1.agent_positions(), o2.agent_positions(), rtol=0, atol=1e-5)
+
+
+class _ItemNet(nn.Module):
+    """Calls ``.item()`` on a weight: torch.func.vmap cannot batch that."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        s = float(self.lin.weight.abs().max())
+        return self.lin(x.flatten(1)) / max(s, 1.0)
+
+
+def test_vmap_failure_falls_back_to_the_loop_with_one_warning():
+    batches = _batches(3)
+    torch.manual_seed(0)
+    m1 = _ItemNet()
+    torch.manual_seed(0)
+    m2 = _ItemNet()
+    o1 = QIMAD(m1.parameters(), seed=0, total_steps=3)
+    o2 = QIMAD(m2.parameters(), seed=0, total_steps=3, evaluation="loop")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_batched(m1, o1, batches)
+    fallback = [w for w in caught if "vmap cannot evaluate" in str(w.message)]
+    assert len(fallback) == 1
+    _run_batched(m2, o2, batches)
+    assert torch.equal(o1.agent_positions(), o2.agent_positions())
+    with pytest.raises(Exception):  # noqa: B017 - and "vmap" mode really cannot run it
+        QIMAD(_ItemNet().parameters(), seed=0, total_steps=3, evaluation="vmap").step(model=m1, batch=batches[0], loss_fn=F.cross_entropy)
+
+
+# ── resumption ─────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("k_eval", [None, 3])
+def test_state_dict_resume_is_bit_identical(k_eval):
+    """A CNN with BatchNorm (per-agent running statistics), tunnelling allowed (patience 1)."""
+    batches = _batches(12, batch=16)
+
+    def make():
+        torch.manual_seed(0)
+        m = digits_cnn(width=4)
+        return m, QIMAD(m.parameters(), num_agents=5, seed=7, k_eval=k_eval, patience=1, total_steps=12, topology="random")
+
+    m1, o1 = make()
+    l1 = _run_batched(m1, o1, batches)
+
+    m2, o2 = make()
+    l2 = _run_batched(m2, o2, batches[:6])
+    buf = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    m3, o3 = make()
+    m3.load_state_dict(saved["model"])
+    o3.load_state_dict(saved["opt"])
+    l2 += _run_batched(m3, o3, batches[6:])
+    assert l1 == l2
+    assert torch.equal(o1.agent_positions(), o3.agent_positions())
+    for a, b in zip(m1.state_dict().values(), m3.state_dict().values()):
+        assert torch.equal(a, b)
+    assert o1.tunnels == o3.tunnels
+
+
+def test_same_seed_same_run_and_different_seed_different_run():
+    batches = _batches(4)
+    runs = []
+    for seed in (5, 5, 6):
+        m = _mlp()
+        o = QIMAD(m.parameters(), seed=seed, total_steps=4, topology="random")
+        _run_batched(m, o, batches)
+        runs.append(o.agent_positions().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+# ── the fixes ──────────────────────────────────────────────────────────────────────────────────
+
+
+def test_model_holds_the_best_agent_and_step_returns_its_loss():
+    m = _mlp()
+    opt = QIMAD(m.parameters(), seed=0, total_steps=10, loss_ema=0.0)
+    for x, y in _batches(3):
+        loss = opt.step(model=m, batch=(x, y), loss_fn=F.cross_entropy)
+        with torch.no_grad():
+            assert float(F.cross_entropy(m(x), y)) == pytest.approx(loss, rel=1e-5)
+        assert loss == min(opt.get_agent_losses())
+
+
+def test_agents_start_apart_and_agent_zero_keeps_the_model():
+    m = _mlp()
+    flat = torch.cat([p.detach().flatten() for p in m.parameters()])
+    opt = QIMAD(m.parameters(), seed=0, init_noise=0.01, total_steps=1, lr=1e-12, gamma=0.0, pull=0.0)
+    opt.enable_tracking()
+    x, y = _batches(1)[0]
+    opt.step(model=m, batch=(x, y), loss_fn=F.cross_entropy)
+    pos = opt.agent_positions()
+    torch.testing.assert_close(pos[0], flat, rtol=0, atol=1e-9)  # lr 1e-12: agent 0 barely moved
+    assert all(float((pos[i] - flat).abs().max()) > 1e-4 for i in range(1, 8))
+    assert len(set(opt.get_agent_losses())) == 8  # so the agents see different losses on the same batch
+    assert opt.get_log()["diversity"][0] > 0
+
+
+@pytest.mark.parametrize("reuse_gradients", [False, True])
+def test_round_robin_moves_only_agents_with_gradients(reuse_gradients):
+    m = _mlp()
+    opt = QIMAD(m.parameters(), num_agents=6, k_eval=2, seed=0, total_steps=5, reuse_gradients=reuse_gradients)
+    batches = _batches(3)
+    prev = None
+    for step, b in enumerate(batches):
+        opt.step(model=m, batch=b, loss_fn=F.cross_entropy)
+        pos = opt.agent_positions().clone()
+        if prev is not None:
+            moved = [i for i in range(6) if not torch.equal(pos[i], prev[i])]
+            evaluated = {2 * step, 2 * step + 1}
+            if reuse_gradients:  # every agent evaluated so far moves again with its cached gradient
+                assert moved == list(range(2 * step + 2))
+            else:  # the seed's code: only this step's agents move
+                assert set(moved) == evaluated
+        prev = pos
+    assert opt.get_agent_losses()[:6].count(math.inf) == 0
+
+
+def test_nonfinite_agents_are_reset_to_the_best_and_counted():
+    m = _mlp()
+    opt = QIMAD(m.parameters(), num_agents=4, seed=0, total_steps=10)
+    batches = _batches(3)
+    opt.step(model=m, batch=batches[0], loss_fn=F.cross_entropy)
+    with torch.no_grad():
+        opt.agent_positions()[2, :10] = float("nan")  # agent 2 is poisoned
+    loss = opt.step(model=m, batch=batches[1], loss_fn=F.cross_entropy)
+    assert math.isfinite(loss)
+    assert opt.nonfinite_resets == 1
+    assert torch.isfinite(opt.agent_positions()).all()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    opt.step(model=m, batch=batches[2], loss_fn=F.cross_entropy)
+    assert torch.isfinite(opt.agent_positions()).all()
+
+
+def test_all_agents_nonfinite_returns_nan_and_keeps_the_model():
+    m = _mlp()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = QIMAD(m.parameters(), num_agents=3, seed=0, total_steps=2)
+    x, y = _batches(1)[0]
+    loss = opt.step(model=m, batch=(x * float("nan"), y), loss_fn=F.cross_entropy)
+    assert math.isnan(loss)
+    assert opt.nonfinite_resets == 3
+    for a, b in zip(before, m.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_stagnating_agents_tunnel_with_bounded_jumps():
+    """lr ~ 0, no pull or communication: the loss stalls, agents stagnate and tunnel; every jump
+    is uniform within +-(0.8 mean|theta_p| + 0.1) T per tensor."""
+    m = _mlp(hidden=8)
+    opt = QIMAD(m.parameters(), num_agents=6, seed=2, lr=1e-12, gamma=0.0, pull=0.0, patience=0, loss_ema=0.0, total_steps=40, init_noise=0.0)
+    opt.enable_tracking()
+    x, y = _batches(1)[0]
+    shapes = [p.shape for p in m.parameters()]
+    for step in range(1, 16):
+        before = opt.agent_positions().clone() if opt.best_agent is not None else None
+        temp = temperature(step, 40, "cosine", 0.05)
+        opt.step(model=m, batch=(x, y), loss_fn=F.cross_entropy)
+        if before is None:
+            continue
+        after = opt.agent_positions()
+        for i in range(6):
+            off = 0
+            for s in shapes:
+                n = math.prod(s)
+                jump = (after[i, off : off + n] - before[i, off : off + n]).abs()
+                bound = (before[i, off : off + n].abs().mean() * 0.8 + 0.1) * temp
+                assert float(jump.max()) <= float(bound) * (1 + 1e-5) + 1e-6
+                off += n
+    log = opt.get_log()
+    assert opt.tunnels == sum(log["tunnels"]) > 0
+
+
+def test_fit_sets_total_steps_and_cooling_warns_without_it():
+    m = _mlp()
+    opt = QIMAD(m.parameters(), seed=0)
+    with pytest.warns(RuntimeWarning, match="cooling is off"):
+        opt.step(model=m, batch=_batches(1)[0], loss_fn=F.cross_entropy)
+    opt2 = QIMAD(m.parameters(), seed=0)
+    opt2.set_total_steps(50)
+    assert opt2.param_groups[0]["total_steps"] == 50
+    opt2.set_total_steps(70, only_if_unset=True)
+    assert opt2.param_groups[0]["total_steps"] == 50
+
+
+def test_lr_scheduler_and_per_group_learning_rates():
+    m = _mlp()
+    params = list(m.parameters())
+    start = torch.cat([p.detach().flatten() for p in params])  # agent 0 starts exactly here
+    opt = QIMAD([{"params": params[:2]}, {"params": params[2:], "lr": 1e-4}], num_agents=2, lr=1e-3, seed=0, total_steps=5, gamma=0.0, pull=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    x, y = _batches(1)[0]
+    opt.step(model=m, batch=(x, y), loss_fn=F.cross_entropy)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-5)
+    # first step with bias correction moves each weight by lr * |g| / (|g| + eps): ~lr per group
+    n0 = params[0].numel() + params[1].numel()
+    moved = (opt.agent_positions()[0] - start).abs()
+    for segment, lr in ((moved[:n0], 1e-3), (moved[n0:], 1e-4)):
+        live = segment[segment > lr * 1e-2]
+        assert float(live.max()) <= lr * (1 + 1e-4)
+        assert float(live.median()) == pytest.approx(lr, rel=1e-3)
+    # the second step uses the scheduled learning rates
+    before = opt.agent_positions()[0].clone()
+    opt.step(model=m, batch=(x, y), loss_fn=F.cross_entropy)
+    second = (opt.agent_positions()[0] - before).abs()
+    assert float(second[:n0].max()) < 1e-3 * 0.2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_agents": 0}, "num_agents"),
+        ({"num_agents": 2.5}, "num_agents"),
+        ({"k_eval": 0}, "k_eval"),
+        ({"k_eval": 9}, "k_eval"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": 1e-3, "eta": 1e-3}, "eta"),
+        ({"topology": "star"}, "topology"),
+        ({"cooling": "fast"}, "cooling"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"min_temp": 2.0}, "min_temp"),
+        ({"rms_decay": 1.0}, "rms_decay"),
+        ({"loss_ema": 1.0}, "loss_ema"),
+        ({"gamma": -1.0}, "gamma"),
+        ({"patience": -1}, "patience"),
+        ({"evaluation": "gpu"}, "evaluation"),
+        ({"seed": -3}, "seed"),
+        ({"bias_correction": "yes"}, "bias_correction"),
+    ],
+)
+def test_bad_arguments_raise_one_line_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        QIMAD([torch.zeros(3, requires_grad=True)], **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_step_calls():
+    m = _mlp()
+    opt = QIMAD(m.parameters(), seed=0, total_steps=3)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="batch"):
+        opt.step(model=m, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="not both"):
+        opt.step(lambda: 0.0, model=m)
+    with pytest.raises(ValueError, match="swarm-wide"):
+        QIMAD([{"params": [torch.zeros(2, requires_grad=True)], "num_agents": 3}, {"params": [torch.zeros(2, requires_grad=True)]}])
+    with pytest.raises(ValueError, match="one dtype and device"):
+        QIMAD([torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)]).step(lambda: torch.tensor(0.0))
+    other = _mlp()
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        opt.step(model=other, batch=_batches(1)[0], loss_fn=F.cross_entropy)
