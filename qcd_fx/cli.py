@@ -175,6 +175,7 @@ def transform(
     train_mode: Annotated[bool, typer.Option("--train-mode", help="trace in training mode (default: eval mode)")] = False,
     calib: Annotated[int, typer.Option("--calib", help="calibration batches for data-driven passes (cdg-prune)", min=1)] = 1,
     data: Annotated[Optional[str], typer.Option("--data", help="calibration data: 'digits' (scikit-learn's digits images); default: random inputs")] = None,
+    onnx_out: Annotated[Optional[str], typer.Option("--onnx", help="also export the result to this .onnx file, verified against onnxruntime")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Trace MODEL, run the pass pipeline, verify after every pass, print the report, save the result."""
@@ -191,6 +192,10 @@ def transform(
         io.check_output_path(output, inputs=inputs_src, force=force)
     if report:
         io.check_output_path(report, inputs=inputs_src + ([output] if output else []), force=force, what="report")
+    if onnx_out:
+        from .cli_onnx import check_onnx_output
+
+        check_onnx_output(onnx_out, inputs_src + [p for p in (output, report) if p], force)
     with progress() as step:
         step("loading model")
         module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
@@ -201,6 +206,10 @@ def transform(
         result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step)
     result.report.model = name
     result.report.print(out)
+    if onnx_out:
+        from .cli_onnx import export_after_transform
+
+        export_after_transform(result.graph_module, inputs, onnx_out, dry_run=dry_run)
     if dry_run:
         out.print("dry run: nothing written")
         return
@@ -213,7 +222,7 @@ def transform(
         kind = io.save(result.graph_module, output, allow_pickle=pickle_ok, input_shapes=shapes)
         note = "" if kind == "safe" else " (pickled: loading it needs --trust-pickle)"
         out.print(f"transformed model written to {output}{note}")
-    elif not report:
+    elif not report and not onnx_out:
         out.print("nothing written; add -o OUT.pt to save the transformed model, --report FILE.json for the report")
 
 
@@ -237,10 +246,31 @@ def list_passes(debug: DebugOpt = False) -> None:
     out.print("spec example: qci{min_width=64,rank=8},csc{target=activations,hard=true}", highlight=False, markup=False)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="qcd-fx")
+def main() -> int:
+    """Console-script entry point. Click's usage errors (unknown option, missing value, …) become
+    one ``error:`` line naming the command's ``--help``, like every other qcd-fx failure."""
+    # Click's exception base, whether typer vendors click or depends on it
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        rv = app(prog_name="qcd-fx", standalone_mode=False)
+    except click_exception as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `qcd-fx` alone: the help was printed
+            return 0
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(e.format_message().split())
+        err.print(f"error: {message}{hint}", style="red", highlight=False, markup=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Abort:
+        err.print("error: aborted", style="red", highlight=False, markup=False)
+        return 1
+    return rv if isinstance(rv, int) else 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+# the other commands register themselves on ``app`` when imported
+from . import cli_onnx, cli_optimize, cli_train  # noqa: E402,F401
+
+if __name__ == "__main__":  # pragma: no cover - `python -m qcd_fx.cli`: run the package's app
+    from qcd_fx.cli import main as package_main
+
+    sys.exit(package_main())

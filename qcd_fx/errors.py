@@ -56,3 +56,7 @@ class PostconditionError(PassError):
 
 class ExportError(QcdFxError):
     """ONNX export failed or the exported file does not match PyTorch."""
+
+
+class TrainingError(QcdFxError):
+    """Training failed (e.g. the loss became non-finite)."""

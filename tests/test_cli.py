@@ -154,3 +154,53 @@ def test_console_script_end_to_end(tmp_path):
     assert (tmp_path / "e.pt").exists()
     bad = subprocess.run([sys.executable, "-m", "qcd_fx.cli", "transform", str(tmp_path / "absent.pt"), "-s", "1,1,8,8"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    # click's own usage errors are one line too, and name the command's --help
+    for args, fragment in ((["train", "--bogus", "x"], "see 'qcd-fx train --help'"), (["frobnicate"], "No such command 'frobnicate'")):
+        usage = subprocess.run([sys.executable, "-m", "qcd_fx.cli", *args], capture_output=True, text=True)
+        assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and usage.stderr.startswith("error: ") and fragment in usage.stderr, usage.stderr
+
+
+def test_transform_also_exports_onnx(workdir):
+    import onnxruntime as ort
+
+    result = run("transform", "--example", "-p", "qci{rank=4},csc", "--onnx", "m.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "ONNX model written to m.onnx" in result.stdout and "onnxruntime vs PyTorch max abs" in result.stdout
+    assert "nothing written" not in result.stdout
+    session = ort.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: torch.randn(3, 1, 8, 8).numpy()})[0].shape == (3, 10)
+    # an existing file is kept, and the check happens before any work; a dry run writes nothing
+    one_line_error(run("transform", "--example", "--onnx", "m.onnx"), 2, "'m.onnx' exists")
+    one_line_error(run("transform", "--example", "--onnx", "m.txt"), 2, "must end in .onnx")
+    dry = run("transform", "--example", "--onnx", "d.onnx", "--dry-run")
+    assert dry.exit_code == 0 and "not written (dry run)" in dry.stdout and not (workdir / "d.onnx").exists()
+
+
+def test_train_transforms_trains_and_writes_outputs(workdir):
+    result = run("train", "--example", "-O", "adam", "-e", "2", "-p", "qci{rank=4}", "-o", "runs", "-q")
+    assert result.exit_code == 0, result.stderr
+    acc = float(result.stdout.split("test accuracy ")[1].split("%")[0])
+    assert acc > 50  # two epochs of Adam on digits; chance is 10 %
+    history = json.loads((workdir / "runs.history.json").read_text())
+    assert len(history["epochs"]) == 2 and history["meta"]["optimizer"] == "adam"
+    assert (workdir / "runs.curve.png").read_bytes()[:4] == b"\x89PNG"
+    gm = qcd_fx.load("runs.pt")  # the trained GraphModule in the safe format, with its gate
+    assert any(isinstance(m, qcd_fx.nn.InterfaceGate) for m in gm.modules())
+    assert gm.meta["qcd_fx_input_shapes"] == [(1, 1, 8, 8)]
+    # the trained file is a MODEL for every other command
+    assert run("transform", "runs.pt", "-p", "csc", "--dry-run").exit_code == 0
+
+
+def test_train_bad_inputs_keep_files(workdir):
+    (workdir / "runs.pt").write_text("precious")
+    one_line_error(run("train", "--example", "-e", "1", "-o", "runs"), 2, "runs.pt exists", "--force")
+    assert (workdir / "runs.pt").read_text() == "precious"
+    one_line_error(run("train", "--example", "-O", "adamw"), 2, "unknown optimizer 'adamw'", "qimad")
+    one_line_error(run("train", "--example", "-e", "0"), 2, "--epochs 0")
+    one_line_error(run("train", "--example", "--lr", "-1"), 2, "--lr -1")
+    one_line_error(run("train", "--example", "--data", "mnist"), 2, "--data 'mnist'")
+    one_line_error(run("train", "--example", "-o", "nodir/x"), 2, "does not exist")
+    one_line_error(run("train", "torchvision:resnet18", "-e", "1"), 2, "does not fit the digits data")
+    # a diverging run says so in one line, exits 1 and writes nothing
+    one_line_error(run("train", "--example", "-O", "sgd", "--lr", "1e6", "-e", "2", "-q", "-o", "div"), 1, "training diverged")
+    assert not any(p.name.startswith("div") for p in workdir.iterdir())
