@@ -50,6 +50,18 @@ def test_zoo_models_prune_at_half(name):
     assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
 
 
+# ONNX parity of every pruned model in the list (about 100 s in all here)
+@pytest.mark.parametrize("name", PRUNE_MODELS)
+def test_pruned_models_export_to_onnx_with_parity(name, tmp_path):
+    from test_export import assert_onnx_parity
+
+    model, shape = zoo.build(name, small=True)
+    x = torch.randn((2, *shape[1:]))
+    gm = qcd_fx.transform(model, "cdg-prune{ratio=0.5}", example_inputs=(x,)).graph_module
+    report = assert_onnx_parity(gm, (x,), str(tmp_path / f"{name}.onnx"))
+    assert report.exporter == "dynamo" and report.fallback_reason is None, report
+
+
 @pytest.mark.parametrize("name", BN_CNNS)
 def test_pruning_equals_zeroing_the_removed_channels(name):
     """Zero every weight slice of the channels to remove: the pruned network computes the same
