@@ -20,3 +20,13 @@ def digits_cnn():
     from qcd_fx.examples import digits_cnn
 
     return digits_cnn().eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tests share two cores; oversubscribed OpenMP threads slow small-model training ~10x."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

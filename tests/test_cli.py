@@ -5,26 +5,13 @@ import sys
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import qcd_fx
 from qcd_fx.cli import app
 from qcd_fx.examples import digits_cnn
 
-runner = CliRunner()
+from helpers import one_line_error, run, runner
 
-
-def run(*args):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
 
 
 @pytest.fixture

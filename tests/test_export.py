@@ -13,39 +13,18 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 import qcd_fx
 import qcd_fx.cli_onnx  # noqa: F401 - registers `export` and `run` on the app
 from qcd_fx import zoo
-from qcd_fx.cli import app
 from qcd_fx.errors import ExportError
 from qcd_fx.examples import digits_cnn
 from qcd_fx.export import ExportReport, export_onnx
 
+from helpers import leftovers, one_line_error, run
+
 ATOL, RTOL = 1e-4, 1e-5  # the issue's criterion: within ATOL absolute, or RTOL relative to the output's magnitude
 SANITY_RTOL = 1e-4  # and never worse than this relative error, so near-zero outputs cannot pass vacuously
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-
-
-def leftovers(directory) -> list[str]:
-    """Temporary files an atomic write would leave behind on failure."""
-    return [f for f in os.listdir(directory) if f.startswith(".")]
-
 
 def _leaves(out):
     return [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

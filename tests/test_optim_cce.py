@@ -17,13 +17,7 @@ from qcd_fx.optim import CCE
 from qcd_fx.optim.cce import efficiencies, efficiency_scale, output_efficiency
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tests share two cores; oversubscribed OpenMP threads slow them ~10x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = [(64, 32), (32,), (10, 64), (10,), (), (1, 7), (300, 200), (8, 4, 3, 3), (5, 5)]
 

@@ -18,13 +18,7 @@ from qcd_fx.optim import QIMAD
 from qcd_fx.optim.qimad import build_neighbors, fidelity_matrix, temperature
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tests share two cores; oversubscribed OpenMP threads slow them ~10x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n, seed=0, batch=32):

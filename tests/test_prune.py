@@ -12,7 +12,7 @@ from qcd_fx import zoo
 from qcd_fx.analysis import count_macs, count_params
 from qcd_fx.errors import PipelineSpecError, PreconditionError
 from qcd_fx.examples import digits_mlp
-from qcd_fx.passes import CDGPrune, Pipeline
+from qcd_fx.passes import Pipeline
 from qcd_fx.passes.dependency import analyze
 from qcd_fx.passes.prune import _ensure_shapes, _select_ratio, apply_pruning, cdg_freeze
 

@@ -14,13 +14,7 @@ from qcd_fx.optim.testfunctions import Rastrigin, Rosenbrock, Sphere
 from qcd_fx.train import fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensor operations: intra-op threads only add overhead (a lot of it on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensor ops: threads only add overhead
 
 
 def shifted(cls, dim, seed, fraction=0.2):
