@@ -78,3 +78,16 @@ def median_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2)
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def eval_no_grad(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode without autograd; restore every submodule's mode afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training

@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
+from .analysis import eval_no_grad
 from .errors import ExportError, UsageError
 from .io import atomic_path
 
@@ -234,16 +235,6 @@ def _as_inputs(example_inputs: Any) -> tuple:
     raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
-@contextlib.contextmanager
-def _eval_no_grad(module: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _first_line(e: BaseException | str) -> str:
@@ -694,7 +685,7 @@ def export_onnx(
         raise UsageError(f"check_batch must be >= 1, got {check_batch}")
     model_name = type(gm).__name__
 
-    with _eval_no_grad(gm):
+    with eval_no_grad(gm):
         with _timed(timings, "reference"):
             try:
                 reference = gm(*inputs)
@@ -706,7 +697,7 @@ def export_onnx(
         names_in = input_names(gm, len(inputs))
         names_out = output_names(reference)
 
-        exporter, fallback_reason, caught = "dynamo", None, []
+        exporter, fallback_reason = "dynamo", None
         program = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

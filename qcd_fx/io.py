@@ -24,7 +24,6 @@ import builtins
 import contextlib
 import importlib
 import math
-import operator
 import os
 import pickle
 import re
@@ -36,9 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import CodeGen
 from torch.fx.node import _get_qualified_name
 
 from .errors import ModelLoadError, UnsafeLoadError, UsageError
+from .tracing import FastModuleAccess, fast_module_access
 
 FORMAT = "qcd-fx.graphmodule"
 VERSION = 1
@@ -426,7 +427,7 @@ def _encode_graph_module(gm: GraphModule) -> dict:
                 "type": _TYPES_BY_OBJ.get(node.type),  # annotations other than these are dropped
             }
         )
-    if type(gm.graph._codegen).__name__ != "CodeGen":
+    if type(gm.graph._codegen) not in (CodeGen, FastModuleAccess):
         raise _Unsafe(f"the graph uses {type(gm.graph._codegen).__name__} code generation")
     return {
         "format": FORMAT,
@@ -598,7 +599,7 @@ def _decode_graph_module(payload: dict, path: str, allow: tuple[str, ...]) -> Gr
         nodes[name] = node
     try:
         graph.lint()
-        gm = GraphModule(root, graph, payload.get("class_name", "GraphModule"))
+        gm = fast_module_access(GraphModule(root, graph, payload.get("class_name", "GraphModule")))
     except Exception as e:
         raise ModelLoadError(f"model file {path!r} does not form a valid graph ({type(e).__name__}: {_first_line(e)})") from None
     return gm

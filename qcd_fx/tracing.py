@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.fx import GraphModule, Tracer
+from torch.fx.graph import CodeGen
 
 from .errors import TraceError
 
@@ -73,6 +74,41 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
+class FastModuleAccess(CodeGen):
+    """fx's code generator, but submodules are reached through their ``_modules`` dicts.
+
+    fx writes a call of ``features.0.0`` as ``getattr(getattr(self.features, "0"), "0")(x)``:
+    every step falls back to ``nn.Module.__getattr__``, a Python function. Across the ~150 module
+    calls of MobileNetV3-small that costs about 7 % of a batch-1 forward, and makes a traced
+    model slower than the eager one. ``self._modules['features']._modules['0']._modules['0'](x)``
+    is three dict lookups. Module hierarchy, names, ``state_dict`` keys and hooks are unchanged;
+    only the text of ``forward`` differs.
+    """
+
+    def _gen_python_code(self, nodes, root_module, namespace, **kwargs):  # noqa: ANN001 - fx's private signature
+        from torch.fx.graph import _format_target
+
+        code = super()._gen_python_code(nodes, root_module, namespace, **kwargs)
+        targets = sorted({n.target for n in nodes if n.op == "call_module" and "." in n.target}, key=len, reverse=True)
+        src = code.src
+        for target in targets:
+            fast = root_module + "".join(f"._modules[{atom!r}]" for atom in target.split("."))
+            src = src.replace(_format_target(root_module, target) + "(", fast + "(")
+        code.src = src
+        return code
+
+
+def fast_module_access(gm: GraphModule) -> GraphModule:
+    """Regenerate ``gm.forward`` with :class:`FastModuleAccess` (in place; returns ``gm``).
+
+    Graphs with a code generator of their own (``torch.export``, pytree codegen) are left alone.
+    """
+    if type(gm.graph._codegen) is CodeGen:
+        gm.graph.set_codegen(FastModuleAccess())
+        gm.recompile()
+    return gm
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dict | None = None) -> GraphModule:
     """Symbolically trace ``model`` with :class:`QcdTracer`.
 
@@ -99,4 +135,4 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dic
             hint = f" in the top-level {type(model).__name__}.forward; fx cannot trace this model as written"
         raise TraceError(f"cannot trace {type(model).__name__}: {what}{at}{hint}") from e
     name = type(model).__name__
-    return GraphModule(tracer.root, graph, name)
+    return fast_module_access(GraphModule(tracer.root, graph, name))

@@ -14,7 +14,6 @@ Verification runs in eval mode (no dropout, BatchNorm running statistics untouch
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,10 +26,10 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..analysis import count_params, mac_counter, sparsity_probe
+from ..analysis import count_params, eval_no_grad, mac_counter, sparsity_probe
 from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError
 from ..report import PassRow, Report, Snapshot
-from ..tracing import trace
+from ..tracing import fast_module_access, trace
 from .base import Pass, parse_spec
 from .prune import CALIBRATION_KEY
 
@@ -73,16 +72,6 @@ class _Runner(Interpreter):
         return result
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _tensor_leaves(out: Any) -> list[torch.Tensor]:
@@ -107,7 +96,7 @@ class _Run:
 
 def _forward(gm: GraphModule, inputs: tuple, capture: bool = False) -> tuple[_Run, _Runner]:
     runner = _Runner(gm, capture=capture)
-    with _eval_mode(gm), mac_counter() as macs, sparsity_probe(gm) as sparsity:
+    with eval_no_grad(gm), mac_counter() as macs, sparsity_probe(gm) as sparsity:
         out = runner.run(*inputs)
     return _Run(out, macs(), dict(sparsity)), runner
 
@@ -122,7 +111,7 @@ def _snapshot(gm: GraphModule) -> GraphModule:
 
 def _node_values(gm: GraphModule, inputs: tuple) -> dict[str, Any]:
     runner = _Runner(gm, capture=True)
-    with _eval_mode(gm):
+    with eval_no_grad(gm):
         runner.run(*inputs)
     return runner.values or {}
 
@@ -240,7 +229,7 @@ class Pipeline:
             gm = self._run_passes(gm, inputs, reference, tolerance, report, step)
         finally:
             gm.meta.pop(CALIBRATION_KEY, None)
-        return TransformResult(gm, report, self)
+        return TransformResult(fast_module_access(gm), report, self)
 
     def _run_passes(self, gm: GraphModule, inputs, reference, tolerance, report: Report, step) -> GraphModule:
         previous = reference
@@ -334,7 +323,7 @@ class Pipeline:
 def _first_node(gm: GraphModule, inputs: tuple, bad: Callable[[str, Any], bool]) -> str | None:
     """Name of the first node (in graph order) whose value satisfies ``bad``."""
     runner = _Runner(gm, capture=True)
-    with _eval_mode(gm):
+    with eval_no_grad(gm):
         runner.run(*inputs)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):

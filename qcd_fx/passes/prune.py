@@ -46,7 +46,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .. import measures
-from ..analysis import count_macs
+from ..analysis import count_macs, eval_no_grad
 from ..errors import PreconditionError
 from .base import Pass, PassOutcome, option, register
 from .dependency import Dependencies, analyze
@@ -147,27 +147,27 @@ class CDGPrune(Pass):
 
 
 def _ensure_shapes(gm: GraphModule, calib: list, pass_name: str, force: bool = False) -> None:
-    from .pipeline import _eval_mode, _Runner
+    from .pipeline import _Runner
 
     missing = any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
     if not missing and not force:
         return
     if not calib:
         raise PreconditionError(pass_name, "needs example inputs (shape propagation) to find channel dependencies")
-    with _eval_mode(gm):
+    with eval_no_grad(gm):
         _Runner(gm).run(*calib[0])
 
 
 def _calibrate(gm: GraphModule, calib: list, nodes: set[str]) -> tuple[dict[str, torch.Tensor], float]:
     """The outputs of ``nodes`` on the calibration batches (concatenated on axis 0) and the
     seed's efficiency of the model output (softmax over the last axis, as the seed's CDG)."""
-    from .pipeline import _eval_mode, _Runner, _tensor_leaves
+    from .pipeline import _Runner, _tensor_leaves
 
     values: dict[str, list[torch.Tensor]] = {}
     outputs = []
     for batch in calib:
         runner = _Runner(gm, capture=set(nodes))
-        with _eval_mode(gm):
+        with eval_no_grad(gm):
             out = runner.run(*batch)
         for name, v in (runner.values or {}).items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
