@@ -8,7 +8,10 @@ own torchvision recipe (``benchmarks/prunability/torchvision_pruning.py`` in its
 MACs (``torch.utils.flop_counter``), params, and latency at batch 1 and 8 — original, qcd-fx and
 Torch-Pruning interleaved round by round, median of ``--repeats`` — and the realised-speedup
 efficiency = latency speedup / MACs ratio. A Torch-Pruning result whose output width changed
-(e.g. SqueezeNet's Conv2d classifier pruned to 500 classes) counts as a failure.
+(e.g. SqueezeNet's Conv2d classifier pruned to 500 classes) counts as a failure. Torch-Pruning
+runs in a forked child capped at ``TP_MEMORY_GB`` of address space and ``TP_TIMEOUT_S`` seconds
+(on swin_t its shape inference otherwise recurses until it has taken all the memory and the
+kernel kills the benchmark).
 
 Part 2 (``--digits``): the digits CNN trained (Adam, cosine, 12 epochs), pruned at 0.5 and 0.75
 with ``cdg``, ``l1`` and ``random``, fine-tuned equally (10 epochs), 3 seeds: test accuracy.
@@ -45,6 +48,8 @@ MODELS = (
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121", "efficientnet_b0",
     "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_1", "googlenet", "convnext_tiny", "vit_b_16", "swin_t",
 )  # fmt: skip
+TP_MEMORY_GB = 8  # Torch-Pruning's address-space cap per model (the machine has 24 GiB)
+TP_TIMEOUT_S = 120  # and its time limit (its slowest success here, DenseNet-121 / VGG-11, takes ~5 s)
 QUICK = ("resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "squeezenet1_1")
 
 
@@ -86,6 +91,72 @@ def prune_tp(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, float]:
     return model.eval(), time.perf_counter() - t0
 
 
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def prune_tp_isolated(name: str, mem_gb: float | None = None, timeout_s: float | None = None) -> tuple[nn.Module, float]:
+    """:func:`prune_tp` on ``build(name)`` in a child process (``--tp-child``), killed when its
+    resident memory passes ``mem_gb`` or it runs longer than ``timeout_s``.
+
+    Torch-Pruning's shape inference on swin_t at 224x224 recurses until it has taken all 24 GiB
+    and the kernel kills the whole benchmark; in a child it is one failed row instead. The child
+    builds the same model (same seed, same weights) and hands the pruned module back through a
+    temporary file (a pickled module: this benchmark's own object).
+    """
+    import subprocess
+    import tempfile
+
+    mem_gb = TP_MEMORY_GB if mem_gb is None else mem_gb
+    timeout_s = TP_TIMEOUT_S if timeout_s is None else timeout_s
+    fd, path = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    try:
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--tp-child", name, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while child.poll() is None:
+            reason = None
+            if _rss_bytes(child.pid) > mem_gb * 2**30:
+                reason = f"used more than {mem_gb:g} GiB of memory"
+            elif time.monotonic() > deadline:
+                reason = f"did not finish within {timeout_s:g} s"
+            if reason:
+                child.kill()
+                child.wait()
+                raise MemoryError(f"Torch-Pruning {reason} (stopped)")
+            time.sleep(0.05)
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head == b"ERROR ":
+            with open(path) as f:
+                raise RuntimeError(f.read()[6:])
+        if child.returncode != 0:
+            raise RuntimeError(f"Torch-Pruning child exited with code {child.returncode}")
+        data = torch.load(path, weights_only=False)
+        return data["model"].eval(), data["seconds"]
+    finally:
+        os.unlink(path)
+
+
+def _tp_child(name: str, path: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        model, x = build(name)
+        pruned, seconds = prune_tp(model, x)
+        torch.save({"model": pruned, "seconds": seconds}, path)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        with open(path, "w") as f:
+            f.write("ERROR " + f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        raise SystemExit(1) from None
+
+
 def latencies(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median latency per variant; variants run interleaved, one call each per round, in an
     order rotated every round (no variant always follows the same one)."""
@@ -118,7 +189,7 @@ def zoo_part(names, repeats: int, batches: tuple[int, ...]) -> list[dict]:
             except Exception as e:  # a failure is a result here
                 row[f"qcd_{criterion}"] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         try:
-            pruned, seconds = prune_tp(model, x)
+            pruned, seconds = prune_tp_isolated(name)
             with torch.no_grad():
                 width = pruned(x).shape[-1]
             ok = width == 1000
@@ -228,7 +299,11 @@ def main() -> None:
     ap.add_argument("--no-digits", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prune"))
+    ap.add_argument("--tp-child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)  # internal: see prune_tp_isolated
     args = ap.parse_args()
+    if args.tp_child:
+        _tp_child(*args.tp_child)
+        return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # random-init activations can underflow; denormals would skew latency
     names = args.models or (QUICK if args.quick else MODELS)
