@@ -365,3 +365,14 @@ def test_pruned_and_fine_tuned_cnn_recovers_accuracy():
     tuned = _train(pruned, split, epochs=10, lr=3e-3, seed=1)
     assert full > 0.95
     assert tuned >= full - 0.01, (full, tuned)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), data=st.data(), p=st.sampled_from([1, 2]), chunk=st.sampled_from([1, 5, 1 << 20]))
+def test_slice_norms_match_the_naive_reduction(shape, data, p, chunk):
+    from qcd_fx.passes.prune import _slice_norms
+
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 7 + dim))
+    naive = t.movedim(dim, 0).reshape(t.shape[dim], -1).abs().pow(p).sum(1)
+    assert torch.allclose(_slice_norms(t, dim, p, chunk_elems=chunk), naive, rtol=1e-5, atol=1e-6)

@@ -187,6 +187,31 @@ def channel_efficiency(act: torch.Tensor, axis: int) -> torch.Tensor:
     return measures.efficiency_from(info, ent)
 
 
+def _slice_norms(t: torch.Tensor, dim: int, p: int, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """``sum |w|^p`` over every axis of ``t`` but ``dim`` (float32), one chunk of rows at a time.
+
+    No transposed or ``|w|`` copy of the whole tensor: on VGG-11's 25088x4096 classifier those
+    copies (and strided reductions) took 0.8-1.0 s of a 1.2 s pass; chunks of ~4 MB stay in cache.
+    """
+    w = t.detach()
+    if w.dim() == 0:
+        return w.float().abs().pow(p).reshape(1)
+    others = [d for d in range(w.dim()) if d != dim]
+    rows = max(1, chunk_elems // max(1, w[0].numel()))
+    out = torch.zeros(w.shape[dim], dtype=torch.float32) if dim != 0 else None
+    parts = []
+    with torch.no_grad():
+        for c in w.split(rows, dim=0):
+            a = c.float().abs() if p == 1 else c.float().square()
+            if not others:
+                parts.append(a)
+            elif dim == 0:
+                parts.append(a.sum(dim=others))
+            else:
+                out += a.sum(dim=others)
+    return torch.cat(parts) if dim == 0 else out
+
+
 def _scores(gm: GraphModule, deps: Dependencies, criterion: str, acts: dict[str, torch.Tensor], seed: int) -> np.ndarray:
     """Score per unit label (index = label); higher = keep."""
     n = deps.num_atoms
@@ -201,8 +226,7 @@ def _scores(gm: GraphModule, deps: Dependencies, criterion: str, acts: dict[str,
             t = tensors.get(name)
             if t is None or not t.is_floating_point():
                 continue
-            w = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
-            s = (w.abs().sum(1) if criterion == "l1" else w.pow(2).sum(1)).numpy().astype(np.float64)
+            s = _slice_norms(t, dim, 1 if criterion == "l1" else 2).numpy().astype(np.float64)
             mean = s.mean()
             if mean > 0:
                 np.add.at(total, atoms, s / mean)
@@ -311,9 +335,11 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
         owner, attr = _owner(gm, aliases[0])
         old = getattr(owner, attr)
         new = old.detach()
-        for dim, idx in sorted(dims.items()):
-            new = new.index_select(dim, idx.to(new.device))
-        new = new.clone()
+        if sorted(dims) == [0, 1]:  # Linear/Conv weights: one gather reads only the kept block (~40 % faster)
+            new = new[dims[0].to(new.device)[:, None], dims[1].to(new.device)]
+        else:
+            for dim, idx in sorted(dims.items()):
+                new = new.index_select(dim, idx.to(new.device))  # a new tensor: nothing is shared with old
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for alias in aliases:
