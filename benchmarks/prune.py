@@ -198,6 +198,9 @@ def zoo_part(names, repeats: int, batches: tuple[int, ...]) -> list[dict]:
                 row["tp"]["error"] = f"output width changed 1000 -> {width}"
             else:
                 variants["tp"] = pruned
+                # same l1 scores and rounding: the two libraries should keep the same widths, in which
+                # case any latency difference is timing noise or Python dispatch, not the network
+                row["same_widths_as_tp"] = sorted(tuple(p.shape) for p in variants["qcd"].parameters()) == sorted(tuple(p.shape) for p in pruned.parameters()) if "qcd" in variants else None
         except Exception as e:
             row["tp"] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
             traceback.print_exc(limit=1)
@@ -266,8 +269,8 @@ def markdown(rows: list[dict], digits: dict | None) -> str:
     out = []
     if rows:
         out += [
-            "| model | qcd-fx MACs ÷ | TP MACs ÷ | qcd-fx eff. b1 / b8 | TP eff. b1 / b8 | qcd-fx prune s (l1 / cdg) | TP prune s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| model | qcd-fx MACs ÷ | TP MACs ÷ | same widths | qcd-fx eff. b1 / b8 | TP eff. b1 / b8 | qcd-fx prune s (l1 / cdg) | TP prune s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             q, c, t = r["qcd_l1"], r["qcd_cdg"], r["tp"]
@@ -278,6 +281,7 @@ def markdown(rows: list[dict], digits: dict | None) -> str:
             out.append(
                 f"| {r['model']} | {r['macs'] / q['macs']:.2f} | "
                 + (f"{r['macs'] / t['macs']:.2f}" if t.get("ok") else f"fails: {t.get('error', '')[:50]}")
+                + f" | {({True: 'yes', False: 'no'}).get(r.get('same_widths_as_tp'), '—')}"
                 + f" | {eff(q)} | {eff(t)} | {q.get('prune_s', float('nan')):.2f} / {c.get('prune_s', float('nan')):.2f} | "
                 + (f"{t['prune_s']:.2f}" if "prune_s" in t else "—")
                 + " |"
@@ -321,7 +325,11 @@ def main() -> None:
             "qcd_max_prune_s_cdg": max(r["qcd_cdg"].get("prune_s", 0) for r in rows),
             "efficiency_not_below_tp_b1": sum(r["qcd_l1"]["efficiency_b1"] >= r["tp"]["efficiency_b1"] for r in both),
             "both_pruned": len(both),
+            "same_widths_as_tp": sum(bool(r.get("same_widths_as_tp")) for r in both),
         }
+        for b in batches:  # like with like: the models both libraries prune
+            summary[f"qcd_median_efficiency_b{b}_on_both"] = statistics.median(r["qcd_l1"][f"efficiency_b{b}"] for r in both) if both else None
+            summary[f"tp_median_efficiency_b{b}_on_both"] = statistics.median(r["tp"][f"efficiency_b{b}"] for r in both) if both else None
         for b in batches:
             qs = [r["qcd_l1"][f"efficiency_b{b}"] for r in rows if r["qcd_l1"].get("ok")]
             ts = [r["tp"][f"efficiency_b{b}"] for r in rows if r["tp"].get("ok")]
