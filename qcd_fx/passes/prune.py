@@ -149,7 +149,9 @@ class CDGPrune(Pass):
 def _ensure_shapes(gm: GraphModule, calib: list, pass_name: str, force: bool = False) -> None:
     from .pipeline import _Runner
 
-    missing = any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+    # a node that ran has "type" (nodes returning sizes or None never get "tensor_meta": without
+    # this ViT and Swin paid a second full forward here)
+    missing = any("tensor_meta" not in n.meta and "type" not in n.meta for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
     if not missing and not force:
         return
     if not calib:
