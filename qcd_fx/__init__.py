@@ -8,10 +8,12 @@ Public API::
     qcd_fx.Pipeline.parse("qci{min_width=64}")
     qcd_fx.passes.registry()
     qcd_fx.save(result.graph_module, "model.qcd.pt"); qcd_fx.load("model.qcd.pt")
+    report = qcd_fx.export_onnx(result.graph_module, (x,), "model.onnx")   # needs the [onnx] extra
 """
 
 from . import measures, nn, passes
 from .errors import QcdFxError
+from .export import ExportReport, export_onnx
 from .io import load, save
 from .passes import Pipeline, TransformResult, transform
 from .tracing import trace
@@ -19,9 +21,11 @@ from .tracing import trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExportReport",
     "Pipeline",
     "QcdFxError",
     "TransformResult",
+    "export_onnx",
     "load",
     "save",
     "measures",

@@ -41,7 +41,7 @@ def assert_onnx_parity(gm, inputs, path, *, atol=ATOL, rtol=RTOL, extra_batch=No
     and a fresh onnxruntime session whose outputs match PyTorch eager on the example inputs and
     on another batch size (``extra_batch``, default batch + 2: not one of the export's own)."""
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    report = export_onnx(gm, inputs, path, **kwargs)
+    report = qcd_fx.export_onnx(gm, inputs, path, **kwargs)  # the public API
     assert os.path.isfile(path) and leftovers(os.path.dirname(os.path.abspath(path))) == []
     # qcd-fx's report
     dynamic = kwargs.get("dynamic_batch", True)
