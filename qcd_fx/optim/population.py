@@ -341,3 +341,15 @@ def closure_evaluate(layout: FlatLayout, params: Sequence[Tensor], positions: Te
 
 
 __all__ = ["EVAL_MODES", "FlatLayout", "Population", "BatchedEvaluator", "Evaluation", "closure_evaluate"]
+
+
+def split_state(state_dict: dict[str, Any], key: str, version: int, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(torch Optimizer part, own part)`` of a population optimizer's ``state_dict``: the own
+    part sits under ``key`` with a ``version``; anything else is a one-line ``ValueError``."""
+    if key not in state_dict:
+        raise ValueError(f"not a {what} state dict (no {key!r} entry)")
+    rest = dict(state_dict)
+    own = rest.pop(key)
+    if own.get("version") != version:
+        raise ValueError(f"unsupported {what} state version {own.get('version')!r}")
+    return rest, own

@@ -78,7 +78,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .population import EVAL_MODES, BatchedEvaluator, Population, closure_evaluate
+from .population import EVAL_MODES, BatchedEvaluator, Population, closure_evaluate, split_state
 
 TOPOLOGIES = ("complete", "ring", "grid", "random")
 COOLINGS = ("cosine", "linear", "exponential", None)
@@ -420,12 +420,7 @@ class QIMAD(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "qimad" not in state_dict:
-            raise ValueError("not a QIMAD state dict (no 'qimad' entry)")
-        state_dict = dict(state_dict)
-        swarm = state_dict.pop("qimad")
-        if swarm.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported QIMAD state version {swarm.get('version')!r}")
+        state_dict, swarm = split_state(state_dict, "qimad", _STATE_VERSION, "QIMAD")
         super().load_state_dict(state_dict)
         self.seed = swarm["seed"]
         self.nonfinite_resets = swarm["nonfinite_resets"]

@@ -97,7 +97,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .population import EVAL_MODES, BatchedEvaluator, FlatLayout, Population, closure_evaluate
+from .population import EVAL_MODES, BatchedEvaluator, FlatLayout, Population, closure_evaluate, split_state
 
 WEIGHTINGS = ("mean", "boltzmann")
 DIFFUSIONS = ("ensemble", "isotropic")
@@ -566,12 +566,7 @@ class QuantumDynamics(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "quantum_dynamics" not in state_dict:
-            raise ValueError("not a QuantumDynamics state dict (no 'quantum_dynamics' entry)")
-        state_dict = dict(state_dict)
-        run = state_dict.pop("quantum_dynamics")
-        if run.get("version") != _QD_VERSION:
-            raise ValueError(f"unsupported QuantumDynamics state version {run.get('version')!r}")
+        state_dict, run = split_state(state_dict, "quantum_dynamics", _QD_VERSION, "QuantumDynamics")
         super().load_state_dict(state_dict)
         self.seed, self.options, self.bounds = run["seed"], dict(run["options"]), run["bounds"]
         for key in ("evaluations", "restarts_done", "passes", "stable_events", "done", "stop_reason"):
