@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ SCHWEFEL_CONSTANT = 418.9828872724338
 SCHWEFEL_ARGMIN = 420.9687462275036
 
 
-class TestFunction:
+class TestFunction(ABC):
     """Base class: ``f(x)`` for ``x`` of shape ``(..., dim)``; see the module docstring."""
 
     __test__ = False  # not a pytest test class despite the name
@@ -97,8 +98,9 @@ class TestFunction:
             x = x.to(torch.float64)
         return self._f(x - self.shift.to(device=x.device, dtype=x.dtype))
 
-    def _f(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _f(self, z: Tensor) -> Tensor:
+        """The function of the unshifted argument ``z`` (batched over leading axes)."""
 
     def __repr__(self) -> str:
         s = self.shift
