@@ -202,6 +202,23 @@ def test_loop_evaluation_equals_vmap_evaluation():
     torch.testing.assert_close(o1.agent_positions(), o2.agent_positions(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("k_eval, reuse", [(None, True), (3, True), (3, False)])
+def test_fused_step_equals_the_reference_step(k_eval, reuse):
+    """The fused-Adam (beta1 = 0) update and the separate-operations update are the same dynamics,
+    with agents moving in subsets (first steps of a round robin) and all at once, and tunnelling."""
+    batches = _batches(10)
+    m1, m2 = _mlp(), _mlp()
+    kw = dict(num_agents=6, seed=5, k_eval=k_eval, total_steps=10, patience=0, reuse_gradients=reuse)
+    o1, o2 = QIMAD(m1.parameters(), **kw), QIMAD(m2.parameters(), **kw)
+    o2._fused = False
+    l1, l2 = _run_batched(m1, o1, batches), _run_batched(m2, o2, batches)
+    assert o1._fused and o1._spare is not None or k_eval is not None  # the fused path ran
+    assert o1.tunnels > 0 and o1.tunnels == o2.tunnels
+    torch.testing.assert_close(o1.agent_positions(), o2.agent_positions(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(o1.state_dict()["qimad"]["rms"], o2.state_dict()["qimad"]["rms"], rtol=1e-5, atol=1e-9)
+    assert l1 == pytest.approx(l2, abs=1e-5)
+
+
 class _ItemNet(nn.Module):
     """Calls ``.item()`` on a weight: torch.func.vmap cannot batch that."""
 
@@ -231,6 +248,15 @@ def test_vmap_failure_falls_back_to_the_loop_with_one_warning():
     assert torch.equal(o1.agent_positions(), o2.agent_positions())
     with pytest.raises(Exception):  # noqa: B017 - and "vmap" mode really cannot run it
         QIMAD(_ItemNet().parameters(), seed=0, total_steps=3, evaluation="vmap").step(model=m1, batch=batches[0], loss_fn=F.cross_entropy)
+
+
+@pytest.mark.parametrize("k_eval, expected", [(None, "vmap"), (3, "vmap"), (2, "loop"), (1, "loop")])
+def test_auto_evaluation_uses_the_loop_for_one_or_two_agents(k_eval, expected):
+    m = _mlp()
+    opt = QIMAD(m.parameters(), seed=0, k_eval=k_eval, total_steps=3)
+    assert opt.evaluation_mode is None
+    _run_batched(m, opt, _batches(2))
+    assert opt.evaluation_mode == expected
 
 
 # ── resumption ─────────────────────────────────────────────────────────────────────────────────

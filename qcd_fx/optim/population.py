@@ -18,11 +18,14 @@ Three pieces, usable on their own:
   ``vmap(grad(...))`` on the digits MLP and CNN. The ``loop`` path calls ``functional_call`` once
   per copy. Every copy sees the same batch.
 
-  ``mode="auto"`` picks ``loop`` for models with convolutions on CPU and ``vmap`` otherwise: vmap
-  turns a convolution with per-copy weights into one grouped convolution, which ran ~1.5x slower
-  than ``k`` separate convolutions on the digits CNN (CPU, one thread; ``benchmarks/optimizers.py``),
-  while on the digits MLP vmap's batched matmuls beat the loop by ~1.3x. If vmap raises, ``auto``
-  emits one warning and uses the loop from then on.
+  ``mode="auto"`` picks ``loop`` for models with convolutions on CPU, and for calls with at most
+  two copies, and ``vmap`` otherwise: vmap turns a convolution with per-copy weights into one
+  grouped convolution, which ran ~1.5x slower than ``k`` separate convolutions on the digits CNN
+  (CPU, one thread; ``benchmarks/optimizers.py``), while on the digits MLP vmap's batched matmuls
+  beat the loop by ~1.3x at 8 copies. vmap's own cost per call (~1-1.5 ms on the digits QCI MLP)
+  outweighs that for one or two copies: the loop took 0.53-0.73x vmap's time at k = 1, 2 on the
+  digits MLPs and 0.5-1.0x on a 2-64-32-1 MLP. If vmap raises, ``auto`` emits one warning and uses
+  the loop from then on.
 
 :func:`closure_evaluate` is the seed's evaluation: load each position into the model, call a
 user closure, read ``.grad``. It is slower and the model's buffers are shared by all agents.
@@ -200,9 +203,13 @@ class BatchedEvaluator:
         self.randomness = randomness
         self._vmap_verified = False
         self.fallback_reason: str | None = None
+        self.last_mode: str | None = None  # "vmap" or "loop": how the last call evaluated
         if mode == "auto" and self.layout.device.type == "cpu" and any(isinstance(m, _ConvNd) for m in model.modules()):
             mode = "loop"  # grouped convolutions under vmap are slower on CPU (see the module docstring)
         self.mode = mode
+
+    LOOP_MAX_COPIES = 2
+    """``auto`` evaluates at most this many copies with the loop (vmap's fixed cost dominates there)."""
 
     @property
     def resolved_mode(self) -> str:
@@ -230,7 +237,7 @@ class BatchedEvaluator:
         """
         if positions.dim() != 2 or positions.shape[1] != self.layout.dim:
             raise ValueError(f"positions must have shape (k, {self.layout.dim}), got {tuple(positions.shape)}")
-        if self.mode == "loop":
+        if self.mode == "loop" or (self.mode == "auto" and positions.shape[0] <= self.LOOP_MAX_COPIES):
             return self._loop(positions, inputs, target, loss_fn, buffers, grad)
         if self.mode == "vmap" or self._vmap_verified:
             return self._vmap(positions, inputs, target, loss_fn, buffers, grad)
@@ -279,6 +286,7 @@ class BatchedEvaluator:
                 gs = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
                 grads = torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
                 self._gather_into(grads, gs)
+        self.last_mode = "vmap"
         return Evaluation(losses.detach(), grads, "vmap")
 
     def _gather_into(self, out: Tensor, gs: Sequence[Tensor | None]) -> None:
@@ -312,6 +320,7 @@ class BatchedEvaluator:
             grads = torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
             for i, gs in enumerate(rows):
                 self._gather_into(grads[i], gs)
+        self.last_mode = "loop"
         return Evaluation(torch.stack(losses), grads, "loop")
 
 
