@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -341,14 +341,38 @@ def _closure_for(model, x, y, loss_fn, opt):
     return closure
 
 
+def _swarm_floor(model: nn.Module, x: Tensor, y: Tensor, k: int, n: int, block: int) -> Callable[[], None]:
+    """What a QIMAD step with ``k`` of ``n`` agents evaluated and every agent moving cannot avoid:
+    ``k`` forward/backward passes of the model, one mixing product over the ``(n, D)`` positions
+    and one fused RMSProp pass over positions, gradients and ``v`` — no bookkeeping at all."""
+    dim = sum(p.numel() for p in model.parameters())
+    pos, grads, v, out = torch.randn(n, dim), torch.randn(n, dim), torch.rand(n, dim), torch.empty(n, dim)
+    mix = torch.full((n, n), 0.01)
+    steps = [torch.tensor(5.0) for _ in range(n)]
+
+    def run():
+        for _ in range(block):
+            for _ in range(k):
+                model.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+            torch.addmm(pos, mix, pos, out=out)
+            g = list(grads.unbind(0))
+            torch._fused_adam_(list(out.unbind(0)), g, g, list(v.unbind(0)), [], steps, lr=1e-3, beta1=0.0, beta2=0.99,
+                               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)  # fmt: skip
+
+    return run
+
+
 def qimad_step_cost(quick: bool) -> dict:
     rounds = 3 if quick else 7
     block = 5
     out: dict = {"rounds": rounds, "block_steps": block}
-    for kind in ("mlp", "cnn"):
+    for kind in ("mlp", "cnn", "qci_mlp"):
         x, y = _digits_batch(64)
+        build = (lambda: qci_model("mlp", 0)) if kind == "qci_mlp" else (lambda kind=kind: plain_model(kind))
+        full = kind != "qci_mlp"  # the QCI MLP (the one the k_eval training runs use): Adam, k_eval = 2, floor
         contenders: dict[str, Callable[[], None]] = {}
-        adam_model = plain_model(kind)
+        adam_model = build()
         adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3, foreach=True)
 
         def adam_block(m=adam_model, o=adam):
@@ -358,22 +382,24 @@ def qimad_step_cost(quick: bool) -> dict:
                 o.step()
 
         contenders["adam"] = adam_block
-        for k_eval in (8, 4, 2, 1):
-            m = plain_model(kind)
+        for k_eval in (8, 4, 2, 1) if full else (2,):
+            m = build()
             q = QIMAD(m.parameters(), num_agents=8, k_eval=k_eval, seed=0, total_steps=10_000)
             contenders[f"qimad_k{k_eval}"] = lambda m=m, q=q: [q.step(model=m, batch=(x, y), loss_fn=F.cross_entropy) for _ in range(block)]
-        for mode in ("vmap", "loop"):
-            m = plain_model(kind)
-            q = QIMAD(m.parameters(), num_agents=8, seed=0, total_steps=10_000, evaluation=mode)
-            contenders[f"qimad_k8_{mode}"] = lambda m=m, q=q: [q.step(model=m, batch=(x, y), loss_fn=F.cross_entropy) for _ in range(block)]
-        m = plain_model(kind)
-        q = QIMAD(m.parameters(), num_agents=8, seed=0, total_steps=10_000)
-        c = _closure_for(m, x, y, F.cross_entropy, q)
-        contenders["qimad_k8_closure"] = lambda q=q, c=c: [q.step(c) for _ in range(block)]
-        m = plain_model(kind)
-        s = SeedQIMAD(m.parameters(), num_agents=8, eta=1e-3, seed=0, total_steps=10_000)
-        c = _closure_for(m, x, y, F.cross_entropy, s)
-        contenders["seed_loop_k8"] = lambda s=s, c=c: [s.step(c) for _ in range(block)]
+        contenders["floor_k2"] = _swarm_floor(build(), x, y, k=2, n=8, block=block)
+        if full:
+            for mode in ("vmap", "loop"):
+                m = build()
+                q = QIMAD(m.parameters(), num_agents=8, seed=0, total_steps=10_000, evaluation=mode)
+                contenders[f"qimad_k8_{mode}"] = lambda m=m, q=q: [q.step(model=m, batch=(x, y), loss_fn=F.cross_entropy) for _ in range(block)]
+            m = build()
+            q = QIMAD(m.parameters(), num_agents=8, seed=0, total_steps=10_000)
+            c = _closure_for(m, x, y, F.cross_entropy, q)
+            contenders["qimad_k8_closure"] = lambda q=q, c=c: [q.step(c) for _ in range(block)]
+            m = build()
+            s = SeedQIMAD(m.parameters(), num_agents=8, eta=1e-3, seed=0, total_steps=10_000)
+            c = _closure_for(m, x, y, F.cross_entropy, s)
+            contenders["seed_loop_k8"] = lambda s=s, c=c: [s.step(c) for _ in range(block)]
         log(f"qimad_step_cost: digits {kind}, batch 64, {rounds} rounds")
         timing = interleaved(contenders, rounds, "adam")
         for t in timing.values():
@@ -384,7 +410,11 @@ def qimad_step_cost(quick: bool) -> dict:
             if name.startswith("qimad_k") and name[len("qimad_k")].isdigit():
                 k = int(name[len("qimad_k")])
                 floor[name] = t["ratio_to_adam"] / k
-        out[f"digits_{kind}"] = {"timing": timing, "ratio_to_k_eval_floor": floor, "evaluation_mode_auto": "loop" if kind == "cnn" else "vmap"}
+        out[f"digits_{kind}"] = {
+            "timing": timing,
+            "ratio_to_k_eval_floor": floor,
+            "k2_over_swarm_floor": timing["qimad_k2"]["ratio_to_adam"] / timing["floor_k2"]["ratio_to_adam"],
+        }
 
     # QUIMAD's own small benchmark network: 2-64-32-1, batch 256, MSE
     g = torch.Generator().manual_seed(0)
@@ -628,6 +658,9 @@ def markdown(res: dict) -> str:
         f"{meta['seconds']:.0f} s. Shared 2-core machine: times are noisy; ratios are medians of per-round ratios.",
         "",
     ]
+    if meta.get("runs"):
+        lines += ["Sections measured in separate runs (`--merge`): " + "; ".join(
+            f"{', '.join(r.get('sections') or [])} on {r.get('date') or 'an earlier date'} ({(r.get('seconds') or 0) / 60:.0f} min)" for r in meta["runs"]) + ".", ""]  # fmt: skip
     if "cce_step_cost" in res:
         a = res["cce_step_cost"]
         t = a["timing"]
@@ -651,19 +684,28 @@ def markdown(res: dict) -> str:
     if "qimad_step_cost" in res:
         b = res["qimad_step_cost"]
         lines += ["## QIMAD step cost (8 agents)", "", "| model | contender | ms / step | ÷ Adam step | ÷ k_eval floor |", "|---|---|---|---|---|"]
-        for kind in ("digits_mlp", "digits_cnn"):
+        for kind in ("digits_mlp", "digits_cnn", "digits_qci_mlp"):
             if kind not in b:
                 continue
             for name, v in b[kind]["timing"].items():
                 fl = b[kind]["ratio_to_k_eval_floor"].get(name)
                 lines.append(f"| {kind} | {name} | {v['per_step_ms']:.2f} | {v['ratio_to_adam']:.2f}× | {'' if fl is None else f'{fl:.2f}'} |")
+        for kind in ("digits_mlp", "digits_cnn", "digits_qci_mlp"):
+            if kind in b and "k2_over_swarm_floor" in b[kind]:
+                lines.append(f"| {kind} | qimad_k2 ÷ floor_k2 | | {b[kind]['k2_over_swarm_floor']:.2f}× | |")
         if "small_mlp" in b:
             sm = b["small_mlp"]
             for name, v in sm["timing"].items():
                 lines.append(f"| 2-64-32-1, batch 256 | {name} | {v['per_step_ms']:.2f} | {v['ratio_to_adam']:.2f}× | |")
             lines += ["", f"Seed loop ÷ vectorised QIMAD on the small MLP: **{sm['seed_loop_over_qimad_batched']:.2f}×** (target ≥ 3×)."]
             lines += [f"Optimizer state on the small MLP: seed {sm['state_bytes']['seed_loop'] / sm['param_bytes']:.0f}× the parameters, ours {sm['state_bytes']['qimad'] / sm['param_bytes']:.0f}×."]
-        lines += ["", "The k_eval floor is k_eval × one Adam step (forward, backward, update) of the same model and batch.", ""]
+        lines += [
+            "",
+            "The k_eval floor is k_eval × one Adam step (forward, backward, update) of the same model and batch."
+            " `floor_k2` is what a k_eval = 2 step with all 8 agents moving cannot avoid: 2 forward/backward"
+            " passes, one (8, 8) @ (8, D) mixing product and one fused RMSProp pass over the swarm (no bookkeeping).",
+            "",
+        ]
     if "accuracy" in res:
         c = res["accuracy"]
         lines += [
@@ -796,7 +838,7 @@ def plots(res: dict, out_dir: Path, suffix: str) -> list[str]:
         path = out_dir / f"optimizers{suffix}_curves.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
-        written.append(str(path))
+        written.append(path.name)
     if "qimad_keval" in res:
         d = res["qimad_keval"]
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -813,7 +855,7 @@ def plots(res: dict, out_dir: Path, suffix: str) -> list[str]:
         path = out_dir / f"optimizers{suffix}_keval.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
-        written.append(str(path))
+        written.append(path.name)
     return written
 
 
@@ -822,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short run: fewer rounds, epochs and seeds")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output directory")
+    ap.add_argument("--merge", action="store_true", help="update the existing JSON: rerun only the --only sections, keep the others")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -848,9 +891,18 @@ def main(argv: list[str] | None = None) -> int:
     if "defaults" in sections:
         res["defaults"] = defaults(quick, 3 if quick else 8)
     res["meta"]["seconds"] = time.perf_counter() - t0
+    res["meta"]["date"] = time.strftime("%Y-%m-%d")
     suffix = "_quick" if quick else ""
     json_path = out_dir / f"optimizers{suffix}.json"
     md_path = out_dir / f"optimizers{suffix}.md"
+    if args.merge and json_path.exists():
+        old = json.loads(json_path.read_text())
+        runs = old["meta"].get("runs") or [{k: old["meta"].get(k) for k in ("date", "seconds", "sections", "torch", "platform")}]
+        runs.append({k: res["meta"].get(k) for k in ("date", "seconds", "sections", "torch", "platform")})
+        old.update({k: v for k, v in res.items() if k != "meta"})
+        old["meta"].update(res["meta"], runs=runs, sections=[x for x in SECTIONS if x in old])
+        old["meta"]["seconds"] = sum(r.get("seconds") or 0 for r in runs)
+        res = old
     res["meta"]["plots"] = plots(res, out_dir, suffix)
     text = json.dumps(res, indent=1, default=float)
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n"))
