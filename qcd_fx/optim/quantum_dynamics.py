@@ -238,12 +238,13 @@ class QuantumDynamics(Optimizer):
         samples_per_centre: int = 1,
         diffusion: str = "ensemble",
         ensemble_mix: float = 0.1,
-        weighting: str = "mean",
-        temperature: float = 1.0,
+        weighting: str = "boltzmann",
+        temperature: float = 0.7,
         stable_fraction: float = 0.0,
+        mean_field: float = 1.0,
         f_tol: float = 1e-12,
         max_evals: int | None = None,
-        restarts: int = 0,
+        restarts: int | None = None,
         restart_growth: float = 2.0,
         evaluation: str = "auto",
         seed: int | None = None,
@@ -261,10 +262,12 @@ class QuantumDynamics(Optimizer):
         if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
             raise ValueError(f"temperature must be a positive number (inf allowed), got {temperature!r}")
         _number("stable_fraction", stable_fraction, 0.0, 1.0, high_open=True)
+        _number("mean_field", mean_field, 0.0, 1.0)
         _number("f_tol", f_tol, 0.0)
         if max_evals is not None:
             _integer("max_evals", max_evals, 1)
-        _integer("restarts", restarts, 0)
+        if restarts is not None:
+            _integer("restarts", restarts, 0)
         _number("restart_growth", restart_growth, 1.0)
         _choice("evaluation", evaluation, EVAL_MODES)
         self.seed = _seed(seed)
@@ -277,7 +280,8 @@ class QuantumDynamics(Optimizer):
         self.options = dict(
             num_centres=num_centres, sigma=float(sigma), sigma_min=float(sigma_min), samples_per_centre=samples_per_centre,
             diffusion=diffusion, ensemble_mix=float(ensemble_mix), weighting=weighting, temperature=float(temperature),
-            stable_fraction=float(stable_fraction), f_tol=float(f_tol), max_evals=max_evals, restarts=restarts,
+            stable_fraction=float(stable_fraction), mean_field=float(mean_field), f_tol=float(f_tol), max_evals=max_evals,
+            restarts=restarts,
             restart_growth=float(restart_growth), evaluation=evaluation,
         )  # fmt: skip
         super().__init__(params, {})
@@ -358,6 +362,13 @@ class QuantumDynamics(Optimizer):
             self._evaluator = BatchedEvaluator(model, self._params(), mode=self.options["evaluation"])
             self._evaluator_model = id(model)
         return self._evaluator
+
+    def _max_restarts(self) -> int:
+        """``restarts``, or with ``restarts=None`` as many as the budget allows (none without ``max_evals``)."""
+        r = self.options["restarts"]
+        if r is None:
+            return 0 if self.options["max_evals"] is None else 1_000_000
+        return r
 
     def _remaining(self) -> int | None:
         m = self.options["max_evals"]
@@ -442,7 +453,11 @@ class QuantumDynamics(Optimizer):
             noise = ensemble_noise(X, n, o["ensemble_mix"], self._gen)
         else:
             noise = torch.randn(n, lay.dim, generator=self._gen, device=lay.device, dtype=lay.dtype)
-        cand = self._clip(X.index_select(0, owner).add_(noise, alpha=self._sigma))
+        base = X.index_select(0, owner)
+        a = o.get("mean_field", 0.0)  # state dicts saved before the option existed: the published rule
+        if a > 0.0 and k > 1:
+            base.mul_(1.0 - a).add_(self._centre_mean(X, F), alpha=a)
+        cand = self._clip(base.add_(noise, alpha=self._sigma))
         fc = self._evaluate(cand)
         self.passes += 1
         # best candidate of every centre (centres without a candidate — budget cut — get +inf)
@@ -466,11 +481,7 @@ class QuantumDynamics(Optimizer):
             self._maybe_halve()
             return
         self.stable_events += 1
-        if o["weighting"] == "boltzmann":
-            w = boltzmann_weights(F, o["temperature"]).to(device=lay.device, dtype=lay.dtype)
-            mean = (w.unsqueeze(1) * X).sum(0, keepdim=True)
-        else:
-            mean = X.mean(0, keepdim=True)
+        mean = self._centre_mean(X, F)
         fmean = self._evaluate(mean)
         order = torch.argsort(F, descending=True, stable=True)
         fresh = order[~self._replaced[order]]
@@ -480,6 +491,14 @@ class QuantumDynamics(Optimizer):
         self._replaced[worst] = True
         self._note_best(X, F)
         self._maybe_halve()
+
+    def _centre_mean(self, X: Tensor, F: Tensor) -> Tensor:
+        """The (Boltzmann) mean of the centres, shape ``(1, D)``."""
+        o, lay = self.options, self.layout
+        if o["weighting"] == "boltzmann":
+            w = boltzmann_weights(F, o["temperature"]).to(device=lay.device, dtype=lay.dtype)
+            return (w.unsqueeze(1) * X).sum(0, keepdim=True)
+        return X.mean(0, keepdim=True)
 
     def _maybe_halve(self) -> None:
         spread = math.sqrt(float(self._X.var(0, unbiased=True).mean())) if self._k > 1 else 0.0
@@ -527,9 +546,12 @@ class QuantumDynamics(Optimizer):
                 self._pass()
                 reason = self._converged()
                 if reason is not None:
-                    if self.restarts_done < self.options["restarts"] and self._remaining() != 0:
+                    if self.restarts_done < self._max_restarts() and self._remaining() != 0:
                         self.restarts_done += 1
                         k = max(2, int(round(self._k * self.options["restart_growth"])))
+                        rem = self._remaining()
+                        if rem is not None:  # a run gets at least ~20 passes: no 10^4-centre populations near the end
+                            k = max(min(k, rem // 20), min(self._k, rem), 1)
                         if not self._start(k):
                             self._finish("budget")
                     else:
