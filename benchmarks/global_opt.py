@@ -9,9 +9,11 @@ same box, the same budget of ``--evals-per-dim * D`` evaluations (6000 D: 60 000
 budget of the issue's Rastrigin probe) and stops at the target: ``f <= 1e-6`` (``1e-2`` for
 Rosenbrock). The evaluation that first reaches the target is counted exactly.
 
-* ``quantum-dynamics``: :class:`qcd_fx.optim.QuantumDynamics` with its defaults (20 centres,
-  ensemble diffusion, centres uniform in the box, sigma0 = half the box width, no restarts);
-* ``quantum-dynamics+restarts``: the same with up to 20 restarts, each with twice the centres
+* ``quantum-dynamics``: :class:`qcd_fx.optim.QuantumDynamics` with its defaults (40 centres,
+  ensemble mean-field diffusion around the Boltzmann mean, centres uniform in the box, sigma0 =
+  half the box width, restarts with twice the centres while budget remains; the committed
+  results predate these defaults: 20 centres, diffusion around each centre, no restarts);
+* ``quantum-dynamics+restarts``: the same with at most 20 restarts, each with twice the centres
   (the IPOP rule), while budget remains;
 * ``qimad``: :class:`qcd_fx.optim.QIMAD` (8 agents; it uses *gradients*, the others do not) on the
   function through ``step(closure)``, start uniform in the box, lr = 0.01 x box width cosine-annealed

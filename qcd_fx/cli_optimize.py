@@ -22,7 +22,9 @@ def optimize_command(
     seed: Annotated[int, typer.Option("--seed", help="seed of the optimizer (and of the start point)")] = 0,
     target: Annotated[Optional[float], typer.Option("--target", help="stop as soon as f <= TARGET")] = None,
     shift: Annotated[float, typer.Option("--shift", help="move the optimum by SHIFT in every coordinate")] = 0.0,
-    restarts: Annotated[int, typer.Option("--restarts", help="quantum-dynamics: restarts with twice the centres after convergence")] = 0,
+    restarts: Annotated[
+        Optional[int], typer.Option("--restarts", help="quantum-dynamics: restarts with twice the centres after convergence (default: while budget remains)")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Minimise FUNCTION inside its standard box and print the best value and the evaluations used."""
@@ -40,9 +42,9 @@ def optimize_command(
         raise UsageError(f"--budget {budget} must be a positive number of evaluations")
     if seed < 0:
         raise UsageError(f"--seed {seed} must be >= 0")
-    if restarts < 0:
+    if restarts is not None and restarts < 0:
         raise UsageError(f"--restarts {restarts} must be >= 0")
-    if restarts and optimizer != "quantum-dynamics":
+    if restarts is not None and optimizer != "quantum-dynamics":
         raise UsageError("--restarts applies to --optimizer quantum-dynamics only")
     if target is not None and not math.isfinite(target):
         raise UsageError(f"--target {target} must be a finite number")
@@ -52,7 +54,7 @@ def optimize_command(
         fn = tf.get(name, dim, shift)
     except ValueError as e:
         raise UsageError(f"--shift {shift}: {e}") from None
-    options = {"restarts": restarts} if restarts else None
+    options = {"restarts": restarts} if restarts is not None else None
     result = tf.optimize(fn, optimizer, max_evals=budget, seed=seed, target=target, options=options)
     lo, hi = fn.bounds
     out.print(f"function: {name}, dim {dim}, box [{lo:g}, {hi:g}], minimum 0 at x_i = {fn.argmin_value + shift:g}", highlight=False)

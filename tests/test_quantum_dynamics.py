@@ -203,7 +203,7 @@ def test_bad_arguments_raise_clear_errors():
     opt = QuantumDynamics([x], seed=0)
     with pytest.raises(ValueError, match="needs a closure"):
         opt.step()
-    with pytest.raises(ValueError, match=r"must map a \(20, 3\) matrix to shape \(20,\)"):
+    with pytest.raises(ValueError, match=r"must map a \(40, 3\) matrix to shape \(40,\)"):
         opt.step(loss_fn=lambda p: p.sum())
     with pytest.raises(ValueError, match="all parameters of a population must share one dtype"):
         QuantumDynamics([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
