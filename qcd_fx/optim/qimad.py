@@ -178,7 +178,8 @@ def fidelity_lists(alphas: list[float], betas: list[float], k: float) -> list[li
             s = sa[i] * sa[j]
             re = ca[i] * ca[j] + math.cos(d) * s
             im = math.sin(d) * s
-            out[i][j] = out[j][i] = (re * re + im * im) ** (k / 2)
+            f = re * re + im * im
+            out[i][j] = out[j][i] = f if k == 2 else f ** (k / 2)
     return out
 
 
@@ -719,7 +720,7 @@ class QIMAD(Optimizer):
             if mix_t is not None:
                 new.addmm_(mix_t, pos)
         g_rows = list(fresh_grads.unbind(0)) if self._grad_cache is None else [self._grad_cache[i] for i in movers]
-        steps = [torch.tensor(float(self._rms_steps[i]), device=pos.device) for i in movers]
+        steps = list(torch.tensor([float(self._rms_steps[i]) for i in movers], device=pos.device).unbind(0))
         try:
             # exp_avg aliases the gradient: with beta1 = 0 the kernel writes exp_avg = g, the value it holds.
             torch._fused_adam_(
