@@ -10,10 +10,11 @@ budget of the issue's Rastrigin probe) and stops at the target: ``f <= 1e-6`` (`
 Rosenbrock). The evaluation that first reaches the target is counted exactly.
 
 * ``quantum-dynamics``: :class:`qcd_fx.optim.QuantumDynamics` with its defaults (40 centres,
-  ensemble mean-field diffusion around the Boltzmann mean, centres uniform in the box, sigma0 =
-  half the box width, restarts with twice the centres while budget remains; the committed
-  results predate these defaults: 20 centres, diffusion around each centre, no restarts);
-* ``quantum-dynamics+restarts``: the same with at most 20 restarts, each with twice the centres
+  ensemble diffusion around the Boltzmann mean of the centres, centres uniform in the box,
+  sigma0 = half the box width, restarts with twice the centres while budget remains);
+* ``quantum-dynamics-v1``: its first defaults (20 centres, ensemble diffusion around each centre,
+  plain mean, no restarts: ``V1_OPTIONS``);
+* ``quantum-dynamics-v1+restarts``: the same with up to 20 restarts, each with twice the centres
   (the IPOP rule), while budget remains;
 * ``qimad``: :class:`qcd_fx.optim.QIMAD` (8 agents; it uses *gradients*, the others do not) on the
   function through ``step(closure)``, start uniform in the box, lr = 0.01 x box width cosine-annealed
@@ -67,7 +68,9 @@ from qcd_fx.optim import testfunctions as tf
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"sphere": 1e-6, "rosenbrock": 1e-2, "rastrigin": 1e-6, "ackley": 1e-6}
-METHODS = ("quantum-dynamics", "quantum-dynamics+restarts", "qimad", "cma-es", "ipop-cma-es", "random")
+METHODS = ("quantum-dynamics", "quantum-dynamics-v1", "quantum-dynamics-v1+restarts", "qimad", "cma-es", "ipop-cma-es", "random")
+V1_OPTIONS = {"num_centres": 20, "weighting": "mean", "temperature": 1.0, "stable_fraction": 0.0, "mean_field": 0.0, "restarts": 0}
+"""QuantumDynamics' defaults before the mean-field diffusion (the committed results' first rows)."""
 
 
 def instance(name: str, dim: int, seed: int) -> tf.TestFunction:
@@ -116,8 +119,9 @@ def run_method(method: str, fn: tf.TestFunction, budget: int, target: float, see
         return run_cma(fn, budget, target, seed, restarts=False)
     if method == "ipop-cma-es":
         return run_cma(fn, budget, target, seed, restarts=True)
-    if method == "quantum-dynamics+restarts":
-        r = tf.optimize(fn, "quantum-dynamics", max_evals=budget, seed=100 + seed, target=target, options={"restarts": 20})
+    if method.startswith("quantum-dynamics-v1"):
+        options = dict(V1_OPTIONS, restarts=20 if method.endswith("+restarts") else 0)
+        r = tf.optimize(fn, "quantum-dynamics", max_evals=budget, seed=100 + seed, target=target, options=options)
     else:
         r = tf.optimize(fn, method, max_evals=budget, seed=100 + seed, target=target)
     r.pop("x", None)

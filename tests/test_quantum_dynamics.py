@@ -97,6 +97,40 @@ def test_stops_at_sigma_min_and_restarts_double_the_centres():
         opt.step(loss_fn=fn)
     assert opt.restarts_done == 2 and opt.centres.shape == (24, 3)
 
+    # with a budget, restarts are on by default until it is spent; a restart's population is
+    # capped at a twentieth of the remaining budget (never below the previous one)
+    z = torch.zeros(3, dtype=torch.float64)
+    opt = QuantumDynamics([z], num_centres=6, bounds=fn.bounds, sigma_min=1e-3, max_evals=3000, seed=0)
+    sizes = []
+    while not opt.done:
+        opt.step(loss_fn=fn)
+        sizes.append(opt.centres.shape[0])
+    assert opt.stop_reason == "budget" and opt.restarts_done >= 2 and opt.evaluations == 3000
+    assert sizes[0] == 6 and max(sizes) <= 150 and sorted(sizes) == sizes
+
+
+def test_mean_field_draws_candidates_between_each_centre_and_the_boltzmann_mean():
+    def run(mean_field):
+        seen = []
+
+        def f(p):
+            seen.append(p.clone())
+            return (p**2).sum(1)
+
+        opt = QuantumDynamics([torch.zeros(3, dtype=torch.float64)], num_centres=6, seed=1, mean_field=mean_field, restarts=0)
+        opt.step(loss_fn=f)  # evaluates the initial centres
+        X, F = opt.centres.clone(), opt.energies.clone()
+        opt.step(loss_fn=f)  # one pass: the candidates
+        return X, F, seen[1]
+
+    X, F, published = run(0.0)
+    m = (boltzmann_weights(F, 2.0).to(X.dtype).unsqueeze(1) * X).sum(0)
+    for a in (1.0, 0.5):
+        Xa, _, cand = run(a)
+        assert torch.equal(Xa, X)
+        # the same diffusion noise, drawn around x_i + a (m - x_i) instead of x_i
+        torch.testing.assert_close(cand - published, a * (m - X), rtol=0, atol=1e-12)
+
 
 def test_closure_path_matches_the_batched_path():
     fn = Sphere(4, shift=0.5)
@@ -194,6 +228,8 @@ def test_bad_arguments_raise_clear_errors():
         QuantumDynamics([x], sigma=-1.0)
     with pytest.raises(ValueError, match="low < high"):
         QuantumDynamics([x], bounds=(1.0, -1.0))
+    with pytest.raises(ValueError, match=r"mean_field must be in \[0.0, 1.0\]"):
+        QuantumDynamics([x], mean_field=1.5)
     with pytest.raises(ValueError, match="diffusion must be one of ensemble, isotropic"):
         QuantumDynamics([x], diffusion="brownian")
     with pytest.raises(ValueError, match="sigma_min .* must be smaller than sigma"):
