@@ -279,10 +279,12 @@ def markdown(results: dict) -> str:
         "for every method; target f <= 1e-6 (Rosenbrock 1e-2). ERT = evaluations of all runs / successes.",
         "",
     ]
+    if meta.get("merged_runs"):
+        lines += ["Parts rerun into this file (`--merge`): " + "; ".join(f"`{' '.join(r.get('argv') or [])}`" for r in meta["merged_runs"]) + ".", ""]
     if results.get("functions"):
         lines += ["| problem | budget | method | solved | median evals to target | ERT | median final f |", "|---|---:|---|---:|---:|---:|---:|"]
         for key, block in results["functions"].items():
-            for method, data in block["methods"].items():
+            for method, data in sorted(block["methods"].items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else len(METHODS)):
                 s = data["summary"]
                 lines.append(
                     f"| {key} | {block['budget']:,} | {method} | {s['successes']}/{s['runs']} | {fmt(s['median_evals_to_target'])} | "

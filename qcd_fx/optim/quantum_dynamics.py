@@ -34,8 +34,8 @@ family is the multi-scale quantum harmonic oscillator algorithm (MQHOA). Two opt
    while budget remains if ``max_evals`` is given, never without it); the best point ever seen is kept.
 
 What differs from MQHOA as published (measured while building it on shifted 10-D instances
-other than the benchmark's; ``benchmarks/results/global_opt.md`` has the defaults before
-``qd-explore`` against CMA-ES):
+other than the benchmark's; ``benchmarks/results/global_opt.md`` has these defaults and the
+first ones, ``quantum-dynamics-v1``, against CMA-ES):
 
 * ``diffusion="ensemble"`` (default): the diffusion is shaped like the centres' own
   distribution — the covariance of the walkers, normalised to unit mean variance and mixed with
@@ -54,7 +54,7 @@ other than the benchmark's; ``benchmarks/results/global_opt.md`` has the default
   functions: centres sitting in different basins keep improving now
   and then, the spread stays above ``sigma``, and a run can spend most of its budget at one scale.
 * *Mean-field diffusion* (``mean_field=1``, ``weighting="boltzmann"``, ``temperature=2``,
-  defaults since ``qd-explore``): all candidates are drawn around the Boltzmann mean of the
+  the defaults): all candidates are drawn around the Boltzmann mean of the
   walkers — the centre of the ground state that the Boltzmann-weighted walkers estimate —
   and each replaces its own centre only if lower (greedy, one to one). Drawing around each
   centre makes every walker a separate local search whose step cannot shrink until a whole
@@ -62,8 +62,8 @@ other than the benchmark's; ``benchmarks/results/global_opt.md`` has the default
   (``T = 2 std(f)``) averages over the basins the walkers sit in, as the ground state of the
   smoothed potential does. Together with 40 centres, ``stable_fraction=0.025`` and restarts
   by default, on the benchmark's instances (25 seeds, 6000 D evaluations; old defaults — 20
-  centres, each centre's own diffusion, mean weighting, no restarts — in brackets, from
-  ``global_opt.md``; IPOP-CMA-ES after the semicolon): Rastrigin-10 5/25 (0/25, 1/25 with 20
+  centres, each centre's own diffusion, mean weighting, no restarts — in brackets;
+  IPOP-CMA-ES after the semicolon): Rastrigin-10 5/25 (0/25, 1/25 with 20
   restarts; 11/25), Ackley-10 25/25 in a median of 14 146 evaluations (21/25 in 14 848; 25/25
   in 2 467), Ackley-30 25/25 in 29 987 (0/25, 8/25 with restarts; 25/25 in 6 687), Sphere-10
   6 613 (6 859), Rosenbrock-10 25/25 in 25 512 (25/25 in 26 175), Sphere-30 14 335 (24 682),
