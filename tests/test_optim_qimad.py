@@ -177,7 +177,7 @@ def test_one_step_equals_a_literal_recomputation_of_the_dynamics():
 # ── paths agree ────────────────────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("k_eval", [None, 3])
+@pytest.mark.parametrize("k_eval", [None, 3, 4])  # 4 of 6: round-robin windows that wrap around
 def test_vmap_and_closure_paths_give_the_same_trajectory(k_eval):
     batches = _batches(8)
     m1, m2 = _mlp(), _mlp()
@@ -257,6 +257,23 @@ def test_auto_evaluation_uses_the_loop_for_one_or_two_agents(k_eval, expected):
     assert opt.evaluation_mode is None
     _run_batched(m, opt, _batches(2))
     assert opt.evaluation_mode == expected
+
+
+def test_round_robin_updates_the_running_statistics_of_the_evaluated_agents_only():
+    torch.manual_seed(0)
+    m = digits_cnn(width=4)
+    opt = QIMAD(m.parameters(), num_agents=4, k_eval=2, seed=0, total_steps=4)
+    batches = _batches(2, batch=16)
+    opt.step(model=m, batch=batches[0], loss_fn=F.cross_entropy)
+    name = next(n for n in opt._pop.buffers if n.endswith("running_mean"))
+    stack = opt._pop.buffers[name]
+    fresh = torch.zeros_like(stack[0])  # BatchNorm starts at 0: agents 0, 1 have seen one batch
+    assert not torch.equal(stack[0], fresh) and not torch.equal(stack[1], fresh)
+    assert torch.equal(stack[2], fresh) and torch.equal(stack[3], fresh)
+    before = stack[:2].clone()
+    opt.step(model=m, batch=batches[1], loss_fn=F.cross_entropy)  # agents 2, 3
+    assert torch.equal(stack[:2], before)
+    assert not torch.equal(stack[2], fresh) and not torch.equal(stack[3], fresh)
 
 
 # ── resumption ─────────────────────────────────────────────────────────────────────────────────

@@ -229,23 +229,28 @@ class BatchedEvaluator:
         *,
         buffers: dict[str, Tensor] | None = None,
         grad: bool = True,
+        out: Tensor | None = None,
     ) -> Evaluation:
         """Evaluate ``loss_fn(model(*inputs), target)`` at each row of ``positions`` ``(k, D)``.
 
         ``buffers`` (optional) maps buffer names to ``(k, ...)`` per-copy values; they are used
         instead of the model's own and updated in place (BatchNorm running statistics).
+        ``out`` (optional) is a ``(k, D)`` tensor the gradients are written into (then returned
+        as ``Evaluation.grads``).
         """
         if positions.dim() != 2 or positions.shape[1] != self.layout.dim:
             raise ValueError(f"positions must have shape (k, {self.layout.dim}), got {tuple(positions.shape)}")
+        if out is not None and (tuple(out.shape) != tuple(positions.shape) or out.dtype != positions.dtype):
+            raise ValueError(f"out must be a {positions.dtype} tensor of shape {tuple(positions.shape)}, got {out.dtype} {tuple(out.shape)}")
         if self.mode == "loop" or (self.mode == "auto" and positions.shape[0] <= self.LOOP_MAX_COPIES):
-            return self._loop(positions, inputs, target, loss_fn, buffers, grad)
+            return self._loop(positions, inputs, target, loss_fn, buffers, grad, out)
         if self.mode == "vmap" or self._vmap_verified:
-            return self._vmap(positions, inputs, target, loss_fn, buffers, grad)
+            return self._vmap(positions, inputs, target, loss_fn, buffers, grad, out)
         trial = {k: v.clone() for k, v in buffers.items()} if buffers else buffers
         try:
-            result = self._vmap(positions, inputs, target, loss_fn, trial, grad)
+            result = self._vmap(positions, inputs, target, loss_fn, trial, grad, out)
         except Exception as e:  # noqa: BLE001 - any vmap failure: try the loop, which raises real errors
-            result = self._loop(positions, inputs, target, loss_fn, buffers, grad)
+            result = self._loop(positions, inputs, target, loss_fn, buffers, grad, out)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self.fallback_reason = f"{type(e).__name__}: {first}"
             self.mode = "loop"
@@ -266,7 +271,7 @@ class BatchedEvaluator:
         views = self.layout.views(positions.detach())
         return [v.detach().requires_grad_(grad) for v in views]
 
-    def _vmap(self, positions, inputs, target, loss_fn, buffers, grad) -> Evaluation:
+    def _vmap(self, positions, inputs, target, loss_fn, buffers, grad, grads_out=None) -> Evaluation:
         k = positions.shape[0]
         leaves = self._leaves(positions, grad)
         model = self.model
@@ -284,7 +289,7 @@ class BatchedEvaluator:
             grads = None
             if grad:
                 gs = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-                grads = torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
+                grads = grads_out if grads_out is not None else torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
                 self._gather_into(grads, gs)
         self.last_mode = "vmap"
         return Evaluation(losses.detach(), grads, "vmap")
@@ -299,7 +304,7 @@ class BatchedEvaluator:
             if g is None:
                 v.zero_()
 
-    def _loop(self, positions, inputs, target, loss_fn, buffers, grad) -> Evaluation:
+    def _loop(self, positions, inputs, target, loss_fn, buffers, grad, grads_out=None) -> Evaluation:
         k = positions.shape[0]
         args = _as_tuple(inputs)
         losses = []
@@ -317,7 +322,7 @@ class BatchedEvaluator:
             losses.append(loss.detach())
         grads = None
         if grad:
-            grads = torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
+            grads = grads_out if grads_out is not None else torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
             for i, gs in enumerate(rows):
                 self._gather_into(grads[i], gs)
         self.last_mode = "loop"

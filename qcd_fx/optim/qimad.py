@@ -523,9 +523,14 @@ class QIMAD(Optimizer):
         # Phase 1: evaluate k_eval agents (round robin), all on this batch.
         base = (self._step_count - 1) * k_eval % n
         to_eval = sorted({(base + j) % n for j in range(k_eval)})
-        full = len(to_eval) == n
-        idx = None if full else torch.tensor(to_eval, device=lay.device)
-        pos_eval = pop.positions if full else pop.positions.index_select(0, idx)
+        # A run of consecutive agents (all of them, or a round-robin window that does not wrap) is
+        # evaluated through views: no gathered copies of positions and buffers, and the gradients
+        # are written straight into the gradient cache.
+        lo = to_eval[0]
+        rows = slice(lo, lo + len(to_eval)) if to_eval == list(range(lo, lo + len(to_eval))) else None
+        idx = None if rows is not None else torch.tensor(to_eval, device=lay.device)
+        pos_eval = pop.positions[rows] if rows is not None else pop.positions.index_select(0, idx)
+        in_cache = False
         snapshot = None
         if closure is not None:
             snapshot = lay.flatten(pop.params)
@@ -535,9 +540,14 @@ class QIMAD(Optimizer):
                 pop.stack_buffers(model)
                 self._buffers_stacked = True
             evaluator = self._get_evaluator(model)
-            bufs = pop.buffers if full else {name: s.index_select(0, idx) for name, s in pop.buffers.items()}
-            ev = evaluator(pos_eval, batch[0], batch[1], loss_fn, buffers=bufs or None)
-            if not full:
+            if rows is not None:
+                bufs = {name: s[rows] for name, s in pop.buffers.items()}  # updated in place
+            else:
+                bufs = {name: s.index_select(0, idx) for name, s in pop.buffers.items()}
+            in_cache = self._grad_cache is not None and rows is not None
+            out = self._grad_cache[rows] if in_cache else None
+            ev = evaluator(pos_eval, batch[0], batch[1], loss_fn, buffers=bufs or None, out=out)
+            if rows is None:
                 for name, s in pop.buffers.items():
                     s.index_copy_(0, idx, bufs[name])
         losses = ev.losses.tolist()
@@ -603,7 +613,7 @@ class QIMAD(Optimizer):
         # evaluation (the seed's docstring; its code froze them instead).
         fresh_grads = ev.grads if len(good_rows) == ev.grads.shape[0] else ev.grads.index_select(0, torch.tensor(good_rows, device=lay.device))
         if self._grad_cache is not None:
-            if good:
+            if good and not in_cache:  # (a non-finite row left in the cache belongs to a reset agent)
                 self._grad_cache.index_copy_(0, torch.tensor(good, device=lay.device), fresh_grads)
             for i in good:
                 self._has_grad[i] = True
