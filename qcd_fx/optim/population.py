@@ -23,8 +23,8 @@ Three pieces, usable on their own:
   grouped convolution, which ran ~1.5x slower than ``k`` separate convolutions on the digits CNN
   (CPU, one thread; ``benchmarks/optimizers.py``), while on the digits MLP vmap's batched matmuls
   beat the loop by ~1.3x at 8 copies. vmap's own cost per call (~1-1.5 ms on the digits QCI MLP)
-  outweighs that for one or two copies: the loop took 0.53-0.73x vmap's time at k = 1, 2 on the
-  digits MLPs and 0.5-1.0x on a 2-64-32-1 MLP. If vmap raises, ``auto`` emits one warning and uses
+  outweighs that for one or two copies: in a standalone timing the loop took 0.53-0.73x vmap's
+  time at k = 1, 2 on the digits MLPs and 0.5-1.0x on a 2-64-32-1 MLP. If vmap raises, ``auto`` emits one warning and uses
   the loop from then on.
 
 :func:`closure_evaluate` is the seed's evaluation: load each position into the model, call a
