@@ -24,8 +24,8 @@ Three pieces, usable on their own:
   (CPU, one thread; ``benchmarks/optimizers.py``), while on the digits MLP vmap's batched matmuls
   beat the loop by ~1.3x at 8 copies. vmap's own cost per call (~1-1.5 ms on the digits QCI MLP)
   outweighs that for one or two copies: in a standalone timing the loop took 0.53-0.73x vmap's
-  time at k = 1, 2 on the digits MLPs and 0.5-1.0x on a 2-64-32-1 MLP. If vmap raises, ``auto`` emits one warning and uses
-  the loop from then on.
+  time at k = 1, 2 on the digits MLPs and 0.5-1.0x on a 2-64-32-1 MLP. If vmap raises, ``auto``
+  emits one warning and uses the loop from then on.
 
 :func:`closure_evaluate` is the seed's evaluation: load each position into the model, call a
 user closure, read ``.grad``. It is slower and the model's buffers are shared by all agents.
@@ -211,11 +211,6 @@ class BatchedEvaluator:
     LOOP_MAX_COPIES = 2
     """``auto`` evaluates at most this many copies with the loop (vmap's fixed cost dominates there)."""
 
-    @property
-    def resolved_mode(self) -> str:
-        """``"vmap"`` or ``"loop"``: the path the next call takes (``"auto"`` until vmap has run once)."""
-        return self.mode if self.mode != "auto" else ("vmap" if self._vmap_verified else "auto")
-
     def _param_dict(self, views: Sequence[Tensor]) -> dict[str, Tensor]:
         # every alias of a tied parameter is listed, so functional_call needs no tie detection
         return {name: v for v, names in zip(views, self.names) for name in names}
@@ -235,13 +230,15 @@ class BatchedEvaluator:
 
         ``buffers`` (optional) maps buffer names to ``(k, ...)`` per-copy values; they are used
         instead of the model's own and updated in place (BatchNorm running statistics).
-        ``out`` (optional) is a ``(k, D)`` tensor the gradients are written into (then returned
-        as ``Evaluation.grads``).
+        ``out`` (optional) is a ``(k, D)`` tensor the gradients are written into (a new one
+        otherwise); it is returned as ``Evaluation.grads``.
         """
         if positions.dim() != 2 or positions.shape[1] != self.layout.dim:
             raise ValueError(f"positions must have shape (k, {self.layout.dim}), got {tuple(positions.shape)}")
         if out is not None and (tuple(out.shape) != tuple(positions.shape) or out.dtype != positions.dtype):
             raise ValueError(f"out must be a {positions.dtype} tensor of shape {tuple(positions.shape)}, got {out.dtype} {tuple(out.shape)}")
+        if grad and out is None:
+            out = torch.empty_like(positions, memory_format=torch.contiguous_format)
         if self.mode == "loop" or (self.mode == "auto" and positions.shape[0] <= self.LOOP_MAX_COPIES):
             return self._loop(positions, inputs, target, loss_fn, buffers, grad, out)
         if self.mode == "vmap" or self._vmap_verified:
@@ -272,7 +269,6 @@ class BatchedEvaluator:
         return [v.detach().requires_grad_(grad) for v in views]
 
     def _vmap(self, positions, inputs, target, loss_fn, buffers, grad, grads_out=None) -> Evaluation:
-        k = positions.shape[0]
         leaves = self._leaves(positions, grad)
         model = self.model
         args = _as_tuple(inputs)
@@ -289,7 +285,7 @@ class BatchedEvaluator:
             grads = None
             if grad:
                 gs = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-                grads = grads_out if grads_out is not None else torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
+                grads = grads_out
                 self._gather_into(grads, gs)
         self.last_mode = "vmap"
         return Evaluation(losses.detach(), grads, "vmap")
@@ -322,7 +318,7 @@ class BatchedEvaluator:
             losses.append(loss.detach())
         grads = None
         if grad:
-            grads = grads_out if grads_out is not None else torch.empty(k, self.layout.dim, dtype=positions.dtype, device=positions.device)
+            grads = grads_out
             for i, gs in enumerate(rows):
                 self._gather_into(grads[i], gs)
         self.last_mode = "loop"

@@ -397,11 +397,11 @@ class QuantumDynamics(Optimizer):
             self._evaluator_model = id(model)
         return self._evaluator
 
-    def _max_restarts(self) -> int:
+    def _max_restarts(self) -> float:
         """``restarts``, or with ``restarts=None`` as many as the budget allows (none without ``max_evals``)."""
         r = self.options["restarts"]
         if r is None:
-            return 0 if self.options["max_evals"] is None else 1_000_000
+            return 0 if self.options["max_evals"] is None else math.inf
         return r
 
     def _remaining(self) -> int | None:
@@ -488,7 +488,7 @@ class QuantumDynamics(Optimizer):
         else:
             noise = torch.randn(n, lay.dim, generator=self._gen, device=lay.device, dtype=lay.dtype)
         base = X.index_select(0, owner)
-        a = o.get("mean_field", 0.0)  # state dicts saved before the option existed: the published rule
+        a = o["mean_field"]
         if a > 0.0 and k > 1:
             base.mul_(1.0 - a).add_(self._centre_mean(X, F), alpha=a)
         cand = self._clip(base.add_(noise, alpha=self._sigma))
@@ -625,6 +625,7 @@ class QuantumDynamics(Optimizer):
         state_dict, run = split_state(state_dict, "quantum_dynamics", _QD_VERSION, "QuantumDynamics")
         super().load_state_dict(state_dict)
         self.seed, self.options, self.bounds = run["seed"], dict(run["options"]), run["bounds"]
+        self.options.setdefault("mean_field", 0.0)  # saved before the option existed: the published rule
         for key in ("evaluations", "restarts_done", "passes", "stable_events", "done", "stop_reason"):
             setattr(self, key, run[key])
         self._initialized = False
