@@ -15,6 +15,7 @@ from torch import nn
 
 from qcd_fx.examples import digits_cnn, digits_mlp
 from qcd_fx.optim import QIMAD
+from qcd_fx.optim.population import BatchedEvaluator
 from qcd_fx.optim.qimad import build_neighbors, fidelity_matrix, temperature
 
 
@@ -200,6 +201,46 @@ def test_loop_evaluation_equals_vmap_evaluation():
     _run_batched(m1, o1, batches)
     _run_batched(m2, o2, batches)
     torch.testing.assert_close(o1.agent_positions(), o2.agent_positions(), rtol=0, atol=1e-5)
+
+
+def _model_state(m):
+    return [(n, t.data_ptr(), t.requires_grad, t.detach().clone()) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+
+
+def test_loop_evaluation_restores_the_model_and_agrees_with_vmap():
+    """The loop points the model's parameters and buffers at each copy's rows and puts them back,
+    also when the loss raises; a frozen parameter is differentiated and stays frozen."""
+    torch.manual_seed(0)
+    m = digits_cnn(width=4)
+    params = list(m.parameters())
+    params[0].requires_grad_(False)
+    before = _model_state(m)
+    lay = BatchedEvaluator(m, params, mode="loop").layout
+    g = torch.Generator().manual_seed(1)
+    pos = torch.randn(3, lay.dim, generator=g) * 0.1
+    x, y = _batches(1, batch=16)[0]
+    stacks = {n: b.detach().unsqueeze(0).repeat(3, *([1] * b.dim())) for n, b in m.named_buffers()}
+    results = {}
+    for mode in ("loop", "vmap"):
+        bufs = {n: s.clone() for n, s in stacks.items()}
+        results[mode] = (BatchedEvaluator(m, params, mode=mode)(pos, x, y, F.cross_entropy, buffers=bufs), bufs)
+    (ev_l, bufs_l), (ev_v, bufs_v) = results["loop"], results["vmap"]
+    torch.testing.assert_close(ev_l.losses, ev_v.losses, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ev_l.grads, ev_v.grads, rtol=0, atol=1e-5)
+    assert float(ev_l.grads[:, : params[0].numel()].abs().sum()) > 0  # the frozen tensor got its gradient
+    for n in stacks:
+        torch.testing.assert_close(bufs_l[n], bufs_v[n], rtol=0, atol=1e-6)
+    assert any(not torch.equal(bufs_l[n], stacks[n]) for n in stacks)  # running statistics moved, in the stacks
+
+    def boom(out, target):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        BatchedEvaluator(m, params, mode="loop")(pos, x, y, boom, buffers={n: s.clone() for n, s in stacks.items()})
+    after = _model_state(m)
+    assert [(n, p, r) for n, p, r, _ in after] == [(n, p, r) for n, p, r, _ in before]
+    for (_, _, _, a), (_, _, _, b) in zip(after, before):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("k_eval, reuse", [(None, True), (3, True), (3, False)])

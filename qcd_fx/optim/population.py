@@ -15,8 +15,9 @@ Three pieces, usable on their own:
   ``torch.func.stack_module_state``, but with views into the ``(k, D)`` matrix instead of a copy)
   and one reverse pass of ordinary autograd over the summed per-copy losses (the copies are
   independent, so this yields every copy's own gradient); measured faster than
-  ``vmap(grad(...))`` on the digits MLP and CNN. The ``loop`` path calls ``functional_call`` once
-  per copy. Every copy sees the same batch.
+  ``vmap(grad(...))`` on the digits MLP and CNN. The ``loop`` path runs the model once per copy
+  with its parameters (and per-copy buffers) temporarily pointed at the copy's rows, restored
+  afterwards, also if the model or the loss raises. Every copy sees the same batch.
 
   ``mode="auto"`` picks ``loop`` for models with convolutions on CPU, and for calls with at most
   two copies, and ``vmap`` otherwise: vmap turns a convolution with per-copy weights into one
@@ -191,7 +192,8 @@ class BatchedEvaluator:
         if mode not in EVAL_MODES:
             raise ValueError(f"evaluation mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
         self.model = model
-        self.layout = FlatLayout(params)
+        self.params = list(params)
+        self.layout = FlatLayout(self.params)
         names: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
@@ -301,26 +303,44 @@ class BatchedEvaluator:
                 v.zero_()
 
     def _loop(self, positions, inputs, target, loss_fn, buffers, grad, grads_out=None) -> Evaluation:
+        """One copy at a time, in the model itself: its parameters (and the per-copy buffers) are
+        pointed at the copy's rows through ``.data`` — no copies, none of ``functional_call``'s
+        per-name swapping, which cost ~0.2 ms per copy on the digits QCI MLP — and restored after."""
         k = positions.shape[0]
         args = _as_tuple(inputs)
+        params = self.params
+        named = dict(self.model.named_buffers(remove_duplicate=False)) if buffers else {}
+        bufs = [(named[name], stack) for name, stack in buffers.items()] if buffers else []
+        saved = [t.data for t in params] + [b.data for b, _ in bufs]
+        frozen = [p for p in params if not p.requires_grad] if grad else []
         losses = []
         rows = []
-        for i in range(k):
-            leaves = [v.detach().requires_grad_(grad) for v in self.layout.views(positions[i].detach())]
-            bdict = {name: stack[i] for name, stack in buffers.items()} if buffers else {}
-            with torch.set_grad_enabled(grad):
-                out = functional_call(self.model, (self._param_dict(leaves), bdict), args, strict=False, tie_weights=False)
-                loss = loss_fn(out, target)
-                if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    raise ValueError("loss_fn must return a scalar tensor (use a mean/sum reduction)")
-                if grad:
-                    rows.append(torch.autograd.grad(loss, leaves, allow_unused=True))
-            losses.append(loss.detach())
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            for i in range(k):
+                for p, v in zip(params, self.layout.views(positions[i].detach())):
+                    p.data = v
+                for b, stack in bufs:
+                    b.data = stack[i]
+                with torch.set_grad_enabled(grad):
+                    loss = loss_fn(self.model(*args), target)
+                    if not isinstance(loss, Tensor) or loss.dim() != 0:
+                        raise ValueError("loss_fn must return a scalar tensor (use a mean/sum reduction)")
+                    if grad:
+                        rows.append(torch.autograd.grad(loss, params, allow_unused=True))
+                losses.append(loss.detach())
+        finally:
+            for t, d in zip([*params, *(b for b, _ in bufs)], saved):
+                t.data = d
+            for p in frozen:
+                p.requires_grad_(False)
         grads = None
         if grad:
             grads = grads_out
-            for i, gs in enumerate(rows):
-                self._gather_into(grads[i], gs)
+            with torch.no_grad():
+                for i, gs in enumerate(rows):
+                    self._gather_into(grads[i], gs)
         self.last_mode = "loop"
         return Evaluation(torch.stack(losses), grads, "loop")
 

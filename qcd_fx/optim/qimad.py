@@ -32,8 +32,9 @@ What differs from the seed (each a defect found by running it; seeds README, ite
 * **Vectorised evaluation** — ``step(model=, batch=(inputs, target), loss_fn=)`` evaluates the
   agents with :class:`~qcd_fx.optim.population.BatchedEvaluator`: one ``torch.func.vmap``-ed
   forward (``functional_call`` over the stacked agent weights) and one backward for all agents, or,
-  for convolutional models on CPU, where vmap's grouped convolutions are slower, one
-  ``functional_call`` per agent; vmap failures fall back to the loop with a warning.
+  for convolutional models on CPU (vmap's grouped convolutions are slower) and for one or two
+  agents per step, a loop that runs the model once per agent with its parameters pointed at the
+  agent's row; vmap failures fall back to the loop with a warning.
   ``step(closure)`` works as in the seed (one closure call per evaluated agent); both give the
   same trajectory (tested to 1e-5). Every agent sees the same batch.
 * **One seeded generator** (``torch.Generator`` on the parameters' device) for everything random:
