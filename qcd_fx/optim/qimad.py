@@ -723,8 +723,10 @@ class QIMAD(Optimizer):
             if self._spare is None or self._spare.shape != pos.shape:
                 self._spare = torch.empty_like(pos)
             new = self._spare
-            if mix_t is not None:
-                torch.addmm(pos, mix_t, pos, out=new)
+            if mix_t is not None:  # (I + mix) @ theta: one read of the swarm instead of two
+                step_matrix = mix_t.clone()  # (mix_t stays as it is for the reference path)
+                step_matrix.diagonal().add_(1.0)
+                torch.mm(step_matrix, pos, out=new)
             else:
                 new.copy_(pos)
         else:
