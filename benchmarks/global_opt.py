@@ -12,6 +12,8 @@ Rosenbrock). The evaluation that first reaches the target is counted exactly.
 * ``quantum-dynamics``: :class:`qcd_fx.optim.QuantumDynamics` with its defaults (40 centres,
   ensemble diffusion around the Boltzmann mean of the centres, centres uniform in the box,
   sigma0 = half the box width, restarts with twice the centres while budget remains);
+* ``quantum-dynamics-multimodal``: the same with ``qcd_fx.optim.quantum_dynamics.MULTIMODAL``
+  (320 centres, the lowest 70 % kept at each halving of sigma, down to 40);
 * ``quantum-dynamics-v1``: its first defaults (20 centres, ensemble diffusion around each centre,
   plain mean, no restarts: ``V1_OPTIONS``);
 * ``quantum-dynamics-v1+restarts``: the same with up to 20 restarts, each with twice the centres
@@ -65,10 +67,11 @@ import numpy as np
 import torch
 
 from qcd_fx.optim import testfunctions as tf
+from qcd_fx.optim.quantum_dynamics import MULTIMODAL
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"sphere": 1e-6, "rosenbrock": 1e-2, "rastrigin": 1e-6, "ackley": 1e-6}
-METHODS = ("quantum-dynamics", "quantum-dynamics-v1", "quantum-dynamics-v1+restarts", "qimad", "cma-es", "ipop-cma-es", "random")
+METHODS = ("quantum-dynamics", "quantum-dynamics-multimodal", "quantum-dynamics-v1", "quantum-dynamics-v1+restarts", "qimad", "cma-es", "ipop-cma-es", "random")
 V1_OPTIONS = {"num_centres": 20, "weighting": "mean", "temperature": 1.0, "stable_fraction": 0.0, "mean_field": 0.0, "restarts": 0}
 """QuantumDynamics' defaults before the mean-field diffusion (the committed results' first rows)."""
 
@@ -122,6 +125,8 @@ def run_method(method: str, fn: tf.TestFunction, budget: int, target: float, see
     if method.startswith("quantum-dynamics-v1"):
         options = dict(V1_OPTIONS, restarts=20 if method.endswith("+restarts") else 0)
         r = tf.optimize(fn, "quantum-dynamics", max_evals=budget, seed=100 + seed, target=target, options=options)
+    elif method == "quantum-dynamics-multimodal":
+        r = tf.optimize(fn, "quantum-dynamics", max_evals=budget, seed=100 + seed, target=target, options=dict(MULTIMODAL))
     else:
         r = tf.optimize(fn, method, max_evals=budget, seed=100 + seed, target=target)
     r.pop("x", None)

@@ -25,6 +25,9 @@ def optimize_command(
     restarts: Annotated[
         Optional[int], typer.Option("--restarts", help="quantum-dynamics: restarts with twice the centres after convergence (default: while budget remains)")
     ] = None,
+    multimodal: Annotated[
+        bool, typer.Option("--multimodal", help="quantum-dynamics: the settings for rugged functions (320 centres shrinking to 40; slower on smooth ones)")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Minimise FUNCTION inside its standard box and print the best value and the evaluations used."""
@@ -46,6 +49,8 @@ def optimize_command(
         raise UsageError(f"--restarts {restarts} must be >= 0")
     if restarts is not None and optimizer != "quantum-dynamics":
         raise UsageError("--restarts applies to --optimizer quantum-dynamics only")
+    if multimodal and optimizer != "quantum-dynamics":
+        raise UsageError("--multimodal applies to --optimizer quantum-dynamics only")
     if target is not None and not math.isfinite(target):
         raise UsageError(f"--target {target} must be a finite number")
     if not math.isfinite(shift):
@@ -54,11 +59,15 @@ def optimize_command(
         fn = tf.get(name, dim, shift)
     except ValueError as e:
         raise UsageError(f"--shift {shift}: {e}") from None
-    options = {"restarts": restarts} if restarts is not None else None
-    result = tf.optimize(fn, optimizer, max_evals=budget, seed=seed, target=target, options=options)
+    from .optim.quantum_dynamics import MULTIMODAL
+
+    options = dict(MULTIMODAL) if multimodal else {}
+    if restarts is not None:
+        options["restarts"] = restarts
+    result = tf.optimize(fn, optimizer, max_evals=budget, seed=seed, target=target, options=options or None)
     lo, hi = fn.bounds
     out.print(f"function: {name}, dim {dim}, box [{lo:g}, {hi:g}], minimum 0 at x_i = {fn.argmin_value + shift:g}", highlight=False)
-    out.print(f"optimizer: {optimizer}, seed {seed}, budget {budget}", highlight=False)
+    out.print(f"optimizer: {optimizer}{' (multimodal settings)' if multimodal else ''}, seed {seed}, budget {budget}", highlight=False)
     out.print(f"best value: {result['f']:.6g}", highlight=False)
     out.print(f"evaluations: {result['evaluations']}", highlight=False)
     if target is not None:

@@ -9,7 +9,7 @@ from torch import nn
 import qcd_fx
 from qcd_fx.data import digits_loaders
 from qcd_fx.examples import digits_mlp
-from qcd_fx.optim.quantum_dynamics import QuantumDynamics, QuantumLangevin, boltzmann_weights, ensemble_noise, minimize
+from qcd_fx.optim.quantum_dynamics import MULTIMODAL, QuantumDynamics, QuantumLangevin, boltzmann_weights, ensemble_noise, minimize
 from qcd_fx.optim.testfunctions import Rastrigin, Rosenbrock, Sphere
 from qcd_fx.train import fit
 
@@ -173,6 +173,60 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     assert torch.equal(other.centres, opt.centres) and torch.equal(a, b)
 
 
+def test_shrink_keeps_the_lowest_centres_at_each_halving_and_restarts_from_the_run_size():
+    fn = shifted(Rastrigin, 3, seed=5)
+    x = torch.zeros(3, dtype=torch.float64)
+    opt = QuantumDynamics([x], num_centres=24, shrink=0.5, min_centres=5, bounds=fn.bounds, sigma_min=1e-3, restarts=1, seed=2)
+    opt.step(loss_fn=fn)
+    X, F = opt.centres.clone(), opt.energies.clone()
+    opt._halve()  # the transition itself: the 12 lowest centres go on, in order of energy
+    order = torch.argsort(F, stable=True)[:12]
+    assert torch.equal(opt.centres, X[order]) and torch.equal(opt.energies, F[order]) and opt.sigma == 0.5 * (fn.bounds[1] - fn.bounds[0]) / 2
+    seen = []  # (k, restarts) after each pass
+    while not opt.done:
+        k, sigma, r = opt.centres.shape[0], opt.sigma, opt.restarts_done
+        opt.step(loss_fn=fn)
+        k2 = opt.centres.shape[0]
+        if opt.restarts_done == r:
+            assert k2 == (max(5, math.ceil(k / 2)) if opt.sigma < sigma else k)  # shrinks exactly when sigma halves
+        seen.append((k2, opt.restarts_done))
+    sizes = [k for k, r in seen if r == 0]
+    assert sizes[0] == 12 and min(sizes) == 5 and sorted(sizes, reverse=True) == sizes
+    assert [k for k, r in seen if r == 1][0] == 48  # the restart doubles the run's size, not the shrunk one
+    # shrink=1 (the default) leaves the population alone
+    y = torch.zeros(3, dtype=torch.float64)
+    plain = QuantumDynamics([y], num_centres=24, bounds=fn.bounds, sigma_min=1e-3, restarts=0, seed=2)
+    while not plain.done:
+        plain.step(loss_fn=fn)
+        assert plain.centres.shape[0] == 24
+
+
+def test_multimodal_settings_solve_a_rastrigin_instance_the_defaults_miss():
+    fn = shifted(Rastrigin, 10, seed=1000 + 5000)
+    default = run(fn, 60_000, 1e-6, seed=1100)
+    multimodal = run(fn, 60_000, 1e-6, seed=1100, **MULTIMODAL)
+    assert default["evaluations_to_target"] is None and default["f"] > 0.5
+    assert multimodal["f"] < 1e-6
+
+
+def test_old_state_dicts_without_shrink_resume_unshrunk():
+    fn = shifted(Rastrigin, 4, seed=3)
+    a = torch.zeros(4, dtype=torch.float64)
+    opt = QuantumDynamics([a], num_centres=12, bounds=fn.bounds, seed=1, restarts=1)
+    for _ in range(10):
+        opt.step(loss_fn=fn)
+    state = copy.deepcopy(opt.state_dict())
+    for key in ("shrink", "min_centres"):
+        del state["quantum_dynamics"]["options"][key]
+    del state["quantum_dynamics"]["k_run"]
+    b = torch.zeros(4, dtype=torch.float64)
+    other = QuantumDynamics([b], num_centres=12, bounds=fn.bounds, seed=1, restarts=1)
+    other.load_state_dict(state)
+    for _ in range(40):
+        assert other.step(loss_fn=fn) == opt.step(loss_fn=fn)
+    assert other.options["shrink"] == 1.0 and torch.equal(other.centres, opt.centres)
+
+
 def test_population_is_evaluated_in_one_call():
     sizes = []
 
@@ -236,6 +290,10 @@ def test_bad_arguments_raise_clear_errors():
         QuantumDynamics([x], sigma=1e-3, sigma_min=1.0)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         QuantumDynamics([x], seed=-1)
+    with pytest.raises(ValueError, match=r"shrink must be in \(0.0, 1.0\]"):
+        QuantumDynamics([x], shrink=0.0)
+    with pytest.raises(ValueError, match="min_centres must be an integer >= 2"):
+        QuantumDynamics([x], min_centres=1)
     opt = QuantumDynamics([x], seed=0)
     with pytest.raises(ValueError, match="needs a closure"):
         opt.step()

@@ -132,6 +132,11 @@ def test_cli_prints_best_value_and_evaluations():
     assert rnd.exit_code == 0 and "evaluations: 500" in rnd.stdout and "stopped: budget" in rnd.stdout
     qimad = cli("ackley", "-d", "3", "-O", "qimad", "--budget", "400")
     assert qimad.exit_code == 0 and "evaluations: 400" in qimad.stdout
+    multi = cli("rastrigin", "-d", "3", "--budget", "3000", "--multimodal", "--restarts", "0")
+    assert multi.exit_code == 0 and "optimizer: quantum-dynamics (multimodal settings)" in multi.stdout
+    plain = cli("rastrigin", "-d", "3", "--budget", "3000", "--restarts", "0")
+    result_lines = lambda out: [line for line in out.splitlines() if line.startswith(("best value", "evaluations"))]  # noqa: E731
+    assert result_lines(multi.stdout) != result_lines(plain.stdout)  # a different run (320 centres, shrinking)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +149,7 @@ def test_cli_prints_best_value_and_evaluations():
         (("sphere", "--shift", "9"), "outside the search box"),
         (("sphere", "--seed", "-1"), "--seed -1 must be >= 0"),
         (("sphere", "-O", "random", "--restarts", "2"), "--restarts applies to --optimizer quantum-dynamics only"),
+        (("sphere", "-O", "qimad", "--multimodal"), "--multimodal applies to --optimizer quantum-dynamics only"),
     ],
 )
 def test_cli_errors_are_one_line(args, fragment):
