@@ -64,7 +64,7 @@ def optimize_command(
     options = dict(MULTIMODAL) if multimodal else {}
     if restarts is not None:
         options["restarts"] = restarts
-    result = tf.optimize(fn, optimizer, max_evals=budget, seed=seed, target=target, options=options or None)
+    result = tf.optimize(fn, optimizer, max_evals=budget, seed=seed, target=target, options=options)
     lo, hi = fn.bounds
     out.print(f"function: {name}, dim {dim}, box [{lo:g}, {hi:g}], minimum 0 at x_i = {fn.argmin_value + shift:g}", highlight=False)
     out.print(f"optimizer: {optimizer}{' (multimodal settings)' if multimodal else ''}, seed {seed}, budget {budget}", highlight=False)

@@ -264,7 +264,7 @@ class QuantumDynamics(Optimizer):
         diffusion: ``"ensemble"`` (default) or ``"isotropic"`` (the published rule).
         ensemble_mix: weight of the identity in the ensemble diffusion (default 0.1).
         weighting: ``"boltzmann"`` (default) or ``"mean"``; temperature: ``T / std(f)`` for it
-            (default 0.7).
+            (default 2).
         stable_fraction: a pass is "energy level stable" when at most this fraction of centres
             improved (default 0.025; 0: none — the published test).
         mean_field: where candidates are drawn: ``x_i + mean_field * (m - x_i)`` with ``m`` the
