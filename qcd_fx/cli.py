@@ -152,7 +152,7 @@ ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision:NAME, packa
 InputShapeOpt = Annotated[list[str], typer.Option("--input-shape", "-s", help="example input shape, e.g. 1,3,224,224 (repeat for several inputs)")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="state dict (.safetensors, or .pt read with weights_only=True) for a factory/torchvision model")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)")]
-AllowOpt = Annotated[list[str], typer.Option("--allow", help="extra package whose classes/functions a saved GraphModule may use")]
+AllowOpt = Annotated[list[str], typer.Option("--allow", help="trust package PKG in saved GraphModules: its nn.Module classes (run with the file's attributes), any of its modules imported, its torch.fx.wrap leaf functions called")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks instead of one-line errors")]
 
 
@@ -219,7 +219,7 @@ def transform(
         out.print(f"report written to {report}")
     if output:
         shapes = [list(t.shape) for t in inputs]
-        kind = io.save(result.graph_module, output, allow_pickle=pickle_ok, input_shapes=shapes)
+        kind = io.save(result.graph_module, output, allow_pickle=pickle_ok, input_shapes=shapes, allow=allow)
         note = "" if kind == "safe" else " (pickled: loading it needs --trust-pickle)"
         out.print(f"transformed model written to {output}{note}")
     elif not report and not onnx_out:

@@ -94,7 +94,7 @@ def train_command(
     try:
         history = train_on_digits(
             module, optimizer, epochs, batch_size=batch_size, lr=lr, seed=seed, out_prefix=output, overwrite=force,
-            progress=not quiet, save_model=lambda m, p: io.save(m, p, input_shapes=shapes),
+            progress=not quiet, save_model=lambda m, p: io.save(m, p, input_shapes=shapes, allow=allow),
         )  # fmt: skip
     except FloatingPointError as e:
         raise TrainingError(f"training diverged: {e}; nothing was written") from None
