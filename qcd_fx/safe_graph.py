@@ -119,7 +119,10 @@ TENSOR_FACTORIES = (
 _TORCH_NAMESPACES = (torch, torch.functional, torch.nn.functional, torch.Tensor, torch.linalg, torch.fft, torch.special)
 _ATEN = re.compile(r"torch\.ops\.aten\.(_?[A-Za-z][A-Za-z0-9_]*)(?:\.([A-Za-z][A-Za-z0-9_]*))?")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ATOM = re.compile(r"[A-Za-z0-9_]+")  # a module path atom: "layer1", "0" (nn.Sequential)
+_ATOM = re.compile(r'[\x20-\x7e]+')
+"""A module path atom ("layer1", "0", RegNet's "block1-0"): printable ASCII without ``"``, ``\\``
+or ``.``, so that fx's ``getattr(self, "atom")`` is always one string literal."""
+_NOT_IN_ATOM = re.compile(r'["\\.]')
 _PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*")
 _MAX_NAME = 1024
 _MAX_DEPTH = 32
@@ -463,7 +466,8 @@ def _check_path(path: Any, what: str) -> list[str]:
         raise Malformed(f"{what} is a {type(path).__name__}, not a string")
     atoms = path.split(".")
     for atom in atoms:
-        _check_ident(atom, what, _ATOM)
+        if len(atom) > _MAX_NAME or not _ATOM.fullmatch(atom) or _NOT_IN_ATOM.search(atom) or _is_dunder(atom):
+            raise Refused(f"{what} {path[:80]!r} has a part that is not a plain name")
     return atoms
 
 

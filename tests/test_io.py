@@ -16,7 +16,7 @@ def roundtrip(gm, tmp_path, name="m.pt"):
     return io.load(path)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t", "shufflenet_v2_x0_5", "googlenet"])
+@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t", "shufflenet_v2_x0_5", "googlenet", "regnet_x_400mf"])
 def test_transformed_zoo_models_round_trip_exactly(name, tmp_path):
     model, shape = zoo.build(name, small=True)
     x = torch.randn(shape)

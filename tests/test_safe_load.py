@@ -130,31 +130,27 @@ def _fn_value_argument(sentinel):
     return p
 
 
-def _function(name):
+def _tampered(change):
+    """A case: ``Net``'s valid payload with ``change(payload)`` applied."""
+
     def case(sentinel):
         p = net_payload()
-        node(p, "call_function")["target"] = fn(name)
+        change(p)
         return p
 
     return case
+
+
+def _function(name):
+    return _tampered(lambda p: node(p, "call_function").update(target=fn(name)))
 
 
 def _module_attr(key, value):
-    def case(sentinel):
-        p = net_payload()
-        p["modules"][1]["attrs"][key] = value
-        return p
-
-    return case
+    return _tampered(lambda p: p["modules"][1]["attrs"].update({key: value}))
 
 
 def _module_class(qualname):
-    def case(sentinel):
-        p = net_payload()
-        p["modules"][1]["class"] = qualname
-        return p
-
-    return case
+    return _tampered(lambda p: p["modules"][1].update({"class": qualname}))
 
 
 def _placeholder_injection(sentinel):
@@ -228,25 +224,12 @@ def _huge_name(sentinel):
     return p
 
 
-def _set(path, value):
-    def case(sentinel):
-        p = net_payload()
-        obj = p
-        for k in path[:-1]:
-            obj = obj[k] if not callable(k) else k(obj)
-        obj[path[-1]] = value
-        return p
-
-    return case
+def _set(key, value):
+    return _tampered(lambda p: p.update({key: value}))
 
 
-def _nodes(fn_):
-    def case(sentinel):
-        p = net_payload()
-        fn_(p["nodes"])
-        return p
-
-    return case
+def _nodes(change):
+    return _tampered(lambda p: change(p["nodes"]))
 
 
 # (case, error class, fragment of the one-line message)
@@ -296,13 +279,13 @@ REFUSED = {
     "output not last": (_nodes(lambda ns: ns.insert(len(ns) - 1, dict(ns[-1], name="out2"))), ModelLoadError, "must be last"),
     "unknown node kind": (_nodes(lambda ns: ns[1].update(op="call_python")), ModelLoadError, "unknown kind"),
     "unknown tag": (_nodes(lambda ns: ns[2].update(args={"$pickle": "x"})), ModelLoadError, "unknown value tag"),
-    "missing tensor": (_set(["tensors", lambda t: t.clear() or t, "x"], None), ModelLoadError, "tensor the file does not hold"),
+    "missing tensor": (_tampered(lambda p: p["tensors"].clear()), ModelLoadError, "tensor the file does not hold"),
     "unhashable set": (_nodes(lambda ns: ns[2]["args"]["$tuple"].append({"$set": [[1]]})), ModelLoadError, "TypeError"),
     "bad size": (_nodes(lambda ns: ns[2]["args"]["$tuple"].append({"$size": ["1"]})), ModelLoadError, "size holds"),
     "bad device": (_nodes(lambda ns: ns[2]["args"]["$tuple"].append({"$device": "cpu; rm"})), ModelLoadError, "names a device"),
-    "future version": (_set(["version"], 99), ModelLoadError, "format version 99"),
-    "no modules": (_set(["modules"], []), ModelLoadError, "root module"),
-    "tensors not a dict": (_set(["tensors"], [1]), ModelLoadError, "'tensors' is a list"),
+    "future version": (_set("version", 99), ModelLoadError, "format version 99"),
+    "no modules": (_set("modules", []), ModelLoadError, "root module"),
+    "tensors not a dict": (_set("tensors", [1]), ModelLoadError, "'tensors' is a list"),
 }
 
 
