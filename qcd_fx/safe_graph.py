@@ -33,8 +33,8 @@ What a graph may do
 Every value a graph computes therefore comes from the inputs, tensors, plain constants or an
 allowed operation on them, so ``getitem`` and ``getattr`` never reach a function, a module or
 its globals. Every name that ends up in generated Python code (node names, placeholders,
-module paths, method names, keyword names) must be an identifier, so no text from the file is
-executed as code.
+method names, keyword names) must be an identifier, and module path parts printable ASCII
+without quotes, backslashes or dots, so no text from the file is executed as code.
 
 What it does not guarantee: resources. A file can hold huge tensors, a graph can allocate
 huge ones (``torch.zeros(10**12)``) or run for a long time. And the allowed modules' own code
