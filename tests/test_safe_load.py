@@ -294,7 +294,8 @@ def fresh_process():
     """Run a function in a fresh process per call, forked from a server with torch imported."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "qcd_fx.io", "load_child"])
-    with ProcessPoolExecutor(max_workers=2, mp_context=ctx, max_tasks_per_child=1) as pool:
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10 reuses the two workers
+    with ProcessPoolExecutor(max_workers=2, mp_context=ctx, **fresh) as pool:
         yield lambda *args: pool.submit(load_and_run, *args)
 
 
