@@ -321,7 +321,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qcd_fx.train import atomic_write
+    from qcd_fx.io import atomic_write
 
     blocks = results.get("functions", {})
     d = results.get("digits", {}).get("final")
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {**old, "functions": old.get("functions", {})}
     t0 = time.perf_counter() - (results["meta"].get("wall_seconds", 0.0) if args.merge else 0.0)
 
-    from qcd_fx.train import atomic_write
+    from qcd_fx.io import atomic_write
 
     def save() -> None:
         results["meta"]["wall_seconds"] = time.perf_counter() - t0

@@ -48,7 +48,8 @@ from qcd_fx.data import digits_loaders  # noqa: E402
 from qcd_fx.examples import digits_cnn, digits_mlp  # noqa: E402
 from qcd_fx.optim import CCE, QIMAD  # noqa: E402
 from qcd_fx.optim.cce import efficiencies  # noqa: E402
-from qcd_fx.train import atomic_write, fit  # noqa: E402
+from qcd_fx.io import atomic_write  # noqa: E402
+from qcd_fx.train import fit  # noqa: E402
 
 SECTIONS = ("cce_step_cost", "qimad_step_cost", "accuracy", "qimad_keval", "defaults")
 

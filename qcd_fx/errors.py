@@ -4,6 +4,12 @@ names the input and, where there is one, the fix; the CLI prints it and exits no
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class QcdFxError(Exception):
     """Base class of the errors qcd-fx raises on purpose (bad input, failed checks)."""
 

@@ -24,7 +24,7 @@ import pickle
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import safe_graph
-from .errors import ModelLoadError, UnsafeLoadError, UsageError
+from .errors import ModelLoadError, UnsafeLoadError, UsageError, first_line
 
 FORMAT = safe_graph.FORMAT
 DEFAULT_ALLOW = safe_graph.DEFAULT_ALLOW
@@ -65,6 +65,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), force: bool = False, what: str = "output") -> str:
@@ -220,17 +226,13 @@ def _torch_load_safe(path: str, what: str) -> Any:
                 f"{what} {path!r} holds a pickled object; loading it executes code from the file. "
                 "Pass --trust-pickle (trust_pickle=True) only if you trust its source, or save a state dict and use --weights"
             ) from None
-        raise ModelLoadError(f"{what} {path!r} is corrupt or truncated ({_first_line(e)})") from None
+        raise ModelLoadError(f"{what} {path!r} is corrupt or truncated ({first_line(e)})") from None
     except Exception as e:  # torch.load raises many types on junk input (KeyError, RuntimeError, …)
-        msg = _first_line(e)
+        msg = first_line(e)
         if "central directory" in msg or "zip archive" in msg or isinstance(e, EOFError):
             raise ModelLoadError(f"{what} {path!r} is truncated or corrupt (not a complete PyTorch file)") from None
         raise ModelLoadError(f"{what} {path!r} is not a PyTorch file ({msg})") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise ModelLoadError(f"model file {path!r} could not be unpickled ({type(e).__name__}: {_first_line(e)})") from None
+            raise ModelLoadError(f"model file {path!r} could not be unpickled ({type(e).__name__}: {first_line(e)})") from None
         if not isinstance(obj, nn.Module):
             raise ModelLoadError(f"model file {path!r} holds {_describe_obj(obj)}, not a torch.nn.Module")
         return obj
@@ -329,6 +331,7 @@ def _policy(allow: Iterable[str]) -> safe_graph.Policy:
 __all__ = [
     "FORMAT",
     "atomic_path",
+    "atomic_write",
     "check_output_path",
     "load",
     "load_model",

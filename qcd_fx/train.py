@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .io import atomic_write
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 OPTIMIZERS = ("sgd", "adam", "cce", "cce-seed", "qimad")
@@ -308,7 +310,7 @@ def make_optimizer(name: str, params: Iterable, *, lr: float | None = None, seed
 # ── digits ─────────────────────────────────────────────────────────────────────────────────────
 
 
-def _digits_input(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+def digits_input(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
     """How to feed digits images to ``model``: as ``(N, 1, 8, 8)`` images or flattened ``(N, 64)``."""
     errors = []
     for name, fn in (("(N, 1, 8, 8) images", lambda t: t), ("(N, 64) vectors", lambda t: t.flatten(1))):
@@ -339,7 +341,7 @@ class _Flat(nn.Module):
         return self.model(x.flatten(1))
 
 
-def _output_paths(out_prefix: str | os.PathLike, overwrite: bool) -> dict[str, Path]:
+def output_paths(out_prefix: str | os.PathLike, overwrite: bool) -> dict[str, Path]:
     prefix = Path(out_prefix)
     base = prefix.name[: -len(".pt")] if prefix.name.endswith(".pt") else prefix.name
     if not base:
@@ -356,14 +358,6 @@ def _output_paths(out_prefix: str | os.PathLike, overwrite: bool) -> dict[str, P
         if existing:
             raise FileExistsError(f"{existing[0]} exists; choose another output name or pass overwrite=True (--force)")
     return paths
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    from .io import atomic_path
-
-    with atomic_path(path) as tmp:
-        write(tmp)
 
 
 def plot_history(histories: dict[str, History], path: str | os.PathLike, title: str = "") -> None:
@@ -431,10 +425,10 @@ def train_on_digits(
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    paths = _output_paths(out_prefix, overwrite) if out_prefix is not None else None
+    paths = output_paths(out_prefix, overwrite) if out_prefix is not None else None
     train_loader, test_loader, _ = digits_loaders(batch_size, seed=seed)
     x0 = next(iter(test_loader))[0]
-    feed = _digits_input(model, x0)
+    feed = digits_input(model, x0)
     net = model if feed(x0).dim() == 4 else _Flat(model)
     opt = make_optimizer(optimizer_name, model.parameters(), lr=lr, seed=seed, **(optimizer_options or {}))
     history = fit(net, train_loader, opt, epochs, val_loader=test_loader, progress=progress)
@@ -465,5 +459,4 @@ __all__ = [
     "make_optimizer",
     "plot_history",
     "train_on_digits",
-    "atomic_write",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import qcd_fx
-import qcd_fx.cli_onnx  # noqa: F401 - registers `export` and `run` on the app
+import qcd_fx.cli  # noqa: F401 - registers `export` and `run` on the app
 from qcd_fx import zoo
 from qcd_fx.errors import ExportError
 from qcd_fx.examples import digits_cnn
@@ -398,7 +398,7 @@ def test_export_after_transform_dry_run_writes_nothing(workdir):
 
     from rich.console import Console
 
-    from qcd_fx.cli_onnx import check_onnx_output, export_after_transform
+    from qcd_fx.cli.export import check_onnx_output, export_after_transform
 
     torch.manual_seed(0)
     x = torch.randn(1, 1, 8, 8)

@@ -110,7 +110,7 @@ def test_optimize_harness_is_deterministic_and_counts_exactly():
 
 
 def cli(*args):
-    import qcd_fx.cli_optimize  # noqa: F401 - registers the command (qcd_fx.cli imports it once integrated)
+    import qcd_fx.cli  # noqa: F401 - registers every command
     from typer.testing import CliRunner
 
     from qcd_fx.cli import app

@@ -348,3 +348,32 @@ def test_generated_forward_reaches_submodules_through_dicts(tmp_path):
     assert "getattr(" not in loaded.code
     with torch.no_grad():
         assert torch.equal(loaded(x), out(x))
+
+
+@dataclass(frozen=True)
+class SeesContext(Pass):
+    """Records the context the pipeline hands it (and changes nothing)."""
+
+    name = "test-sees-context"
+    seen: list = None  # type: ignore[assignment]
+
+    def call(self, gm, context):
+        self.seen.append(context)
+        return PassOutcome(gm, False)
+
+
+def test_passes_get_example_inputs_and_calibration_as_an_explicit_context(digits_cnn):
+    x = torch.randn(2, 1, 8, 8)
+    batches = [torch.randn(4, 1, 8, 8), torch.randn(3, 1, 8, 8)]
+    seen = []
+    result = Pipeline([SeesContext(seen=seen)]).run(digits_cnn, x, calibration=batches, tolerance=1e-3)
+    (ctx,) = seen
+    assert ctx.example_inputs[0] is x and ctx.tolerance == 1e-3
+    assert [b[0] for b in ctx.calibration] == batches  # the same tensor objects, in order
+    assert not any("calib" in str(k) for k in result.graph_module.meta)  # no side channel in gm.meta
+    seen.clear()
+    Pipeline([SeesContext(seen=seen)]).run(digits_cnn, x)
+    assert seen[0].calibration == ((x,),)  # default: the example inputs
+    seen.clear()
+    SeesContext(seen=seen)(qcd_fx.trace(digits_cnn))  # called on its own: an empty context
+    assert seen[0].example_inputs is None and seen[0].calibration == ()

@@ -334,7 +334,7 @@ def plot_schedule(path: str | Path, steps: int, *, schedule: QDTSchedule | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..train import atomic_write
+    from ..io import atomic_write
 
     s = schedule
     xs = list(range(steps + 1))

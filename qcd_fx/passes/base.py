@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
@@ -29,6 +31,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import PipelineSpecError
+from .runtime import PassContext
 
 
 def option(help: str, default: Any, **metadata: Any) -> Any:
@@ -56,7 +59,9 @@ class Pass(PassBase):
     """Base of qcd-fx passes: a frozen dataclass of options with a CLI ``name``.
 
     Subclasses set ``name`` and ``summary``, declare options as dataclass fields (put a
-    one-line ``help`` in the field's metadata), implement :meth:`call`, and say through
+    one-line ``help`` in the field's metadata), implement :meth:`call` (``call(gm, context)``
+    with the run's :class:`~qcd_fx.passes.runtime.PassContext`, or ``call(gm)`` for a pass that
+    needs none), and say through
     :attr:`preserves_function` whether the pipeline must check that outputs are unchanged.
     """
 
@@ -67,6 +72,17 @@ class Pass(PassBase):
     def preserves_function(self) -> bool:
         """True when the pass must leave the model's outputs bit-for-bit unchanged."""
         return False
+
+    def __call__(self, graph_module: GraphModule, context: PassContext | None = None) -> PassResult | None:
+        """Run the pass on ``graph_module`` with the pipeline's ``context`` (an empty context —
+        no example inputs, no calibration — when called on its own)."""
+        self.requires(graph_module)
+        if _takes_context(type(self)):
+            result = self.call(graph_module, context if context is not None else PassContext())
+        else:  # a pass written as call(gm), before passes had a context
+            result = self.call(graph_module)
+        self.ensures(graph_module)
+        return result
 
     def spec(self) -> str:
         """This pass as a spec item; options at their default value are left out."""
@@ -80,6 +96,12 @@ class Pass(PassBase):
 
     def __str__(self) -> str:
         return self.spec()
+
+
+@functools.cache
+def _takes_context(cls: type) -> bool:
+    params = list(inspect.signature(cls.call).parameters.values())[1:]  # after self
+    return len(params) >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

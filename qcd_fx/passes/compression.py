@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..nn import StateCompression
 from .base import Pass, PassOutcome, option, register
+from .runtime import PassContext
 from .graph_utils import free_name, insert_module_after
 
 ACTIVATION_MODULES = (
@@ -99,7 +100,7 @@ class CSC(Pass):
         if isinstance(self.target, tuple) and not self.target:
             raise ValueError("target list is empty")
 
-    def call(self, gm: GraphModule) -> PassOutcome:
+    def call(self, gm: GraphModule, context: PassContext) -> PassOutcome:
         graph = gm.graph
         notes: list[str] = []
         dims: dict[str, int] = {}

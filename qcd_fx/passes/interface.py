@@ -14,6 +14,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..nn import InterfaceGate
 from .base import Pass, PassOutcome, option, register
+from .runtime import PassContext
 from .graph_utils import insert_module_after
 
 _FUNCTIONAL_LINEAR = {F.linear, torch._C._nn.linear}
@@ -66,7 +67,7 @@ class QCI(Pass):
     def preserves_function(self) -> bool:
         return self.init == "identity"
 
-    def call(self, gm: GraphModule) -> PassOutcome:
+    def call(self, gm: GraphModule, context: PassContext) -> PassOutcome:
         gen = torch.Generator().manual_seed(self.seed)
         notes: list[str] = []
         hidden: dict[str, list[tuple[str, list[str]]]] = {}

@@ -22,69 +22,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Interpreter, Node
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.fx import GraphModule, Node
 
 from ..analysis import count_params, eval_no_grad, mac_counter, sparsity_probe
-from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError
+from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError, first_line
 from ..report import PassRow, Report, Snapshot
 from ..tracing import fast_module_access, trace
 from .base import Pass, parse_spec
-from .prune import CALIBRATION_KEY
-
-
-class _Runner(Interpreter):
-    """Interpreter that records shape metadata like ``ShapeProp`` and remembers the failing node.
-
-    (``ShapeProp`` itself prints a traceback to stderr and re-raises a ``RuntimeError`` with the
-    whole ``meta`` dict in it; the pipeline needs the node's name and a quiet failure.)
-    With ``capture`` it keeps every node's tensor value, for locating drift.
-    """
-
-    def __init__(self, gm: GraphModule, capture: bool | set[str] = False):
-        super().__init__(gm, garbage_collect_values=True)
-        self.keep = capture if isinstance(capture, set) else None
-        self.values: dict[str, Any] | None = {} if capture else None
-
-    def run_node(self, n: Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as e:
-            if not hasattr(e, "qcd_node"):  # innermost node first
-                e.qcd_node = n.name
-            raise
-        found = False
-
-        def meta(obj):
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        m = tree_map(meta, result)
-        if found:
-            n.meta["tensor_meta"] = m
-        n.meta["type"] = type(result)
-        if self.values is not None and (self.keep is None or n.name in self.keep):
-            self.values[n.name] = result
-        return result
-
-
-
-
-def _tensor_leaves(out: Any) -> list[torch.Tensor]:
-    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+from .runtime import PassContext, Runner, tensor_leaves
 
 
 def _shape_str(inputs: Sequence[Any]) -> str:
     return ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass
@@ -94,8 +44,8 @@ class _Run:
     sparsity: dict[str, float]
 
 
-def _forward(gm: GraphModule, inputs: tuple, capture: bool = False) -> tuple[_Run, _Runner]:
-    runner = _Runner(gm, capture=capture)
+def _forward(gm: GraphModule, inputs: tuple, capture: bool = False) -> tuple[_Run, Runner]:
+    runner = Runner(gm, capture=capture)
     with eval_no_grad(gm), mac_counter() as macs, sparsity_probe(gm) as sparsity:
         out = runner.run(*inputs)
     return _Run(out, macs(), dict(sparsity)), runner
@@ -110,19 +60,19 @@ def _snapshot(gm: GraphModule) -> GraphModule:
 
 
 def _node_values(gm: GraphModule, inputs: tuple) -> dict[str, Any]:
-    runner = _Runner(gm, capture=True)
+    runner = Runner(gm, capture=True)
     with eval_no_grad(gm):
         runner.run(*inputs)
     return runner.values or {}
 
 
 def _same(a: Any, b: Any) -> bool:
-    la, lb = _tensor_leaves(a), _tensor_leaves(b)
+    la, lb = tensor_leaves(a), tensor_leaves(b)
     return len(la) == len(lb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(la, lb))
 
 
 def _nonfinite(value: Any) -> bool:
-    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensor_leaves(value))
+    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensor_leaves(value))
 
 
 @dataclass
@@ -212,7 +162,7 @@ class Pipeline:
                 node = getattr(e, "qcd_node", None)
                 at = f" (at node '{node}')" if node else ""
                 raise InputShapeError(
-                    f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {_first_line(e)}"
+                    f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {first_line(e)}"
                 ) from e
             reference = base.outputs
             baseline_macs = base.macs
@@ -224,14 +174,12 @@ class Pipeline:
             trace_seconds=trace_seconds,
         )
         calib = [_as_inputs(b) for b in calibration] if calibration is not None else ([inputs] if inputs else [])
-        gm.meta[CALIBRATION_KEY] = calib
-        try:
-            gm = self._run_passes(gm, inputs, reference, tolerance, report, step)
-        finally:
-            gm.meta.pop(CALIBRATION_KEY, None)
+        context = PassContext(example_inputs=inputs, calibration=tuple(calib), tolerance=tolerance)
+        gm = self._run_passes(gm, context, reference, report, step)
         return TransformResult(fast_module_access(gm), report, self)
 
-    def _run_passes(self, gm: GraphModule, inputs, reference, tolerance, report: Report, step) -> GraphModule:
+    def _run_passes(self, gm: GraphModule, context: PassContext, reference, report: Report, step) -> GraphModule:
+        inputs, tolerance = context.example_inputs, context.tolerance
         previous = reference
         for p in self.passes:
             step(f"pass {p.spec()}")
@@ -239,14 +187,13 @@ class Pipeline:
             snapshot = _snapshot(gm) if p.preserves_function and inputs is not None else None
             t0 = time.perf_counter()
             try:
-                result = p(gm)
+                result = p(gm, context)
             except QcdFxError:
                 raise
             except Exception as e:
-                raise PassError(p.name, f"failed with {type(e).__name__}: {_first_line(e)}") from e
+                raise PassError(p.name, f"failed with {type(e).__name__}: {first_line(e)}") from e
             seconds = time.perf_counter() - t0
             if result is not None and result.graph_module is not gm:
-                result.graph_module.meta[CALIBRATION_KEY] = gm.meta.pop(CALIBRATION_KEY, None)
                 gm = result.graph_module
             step(f"verify {p.spec()}")
             t0 = time.perf_counter()
@@ -283,19 +230,19 @@ class Pipeline:
         try:
             gm.graph.lint()
         except Exception as e:
-            raise PostconditionError(p.name, f"graph.lint() failed: {_first_line(e)}") from e
+            raise PostconditionError(p.name, f"graph.lint() failed: {first_line(e)}") from e
         try:
             gm.recompile()
         except Exception as e:
-            raise PostconditionError(p.name, f"recompile failed: {_first_line(e)}") from e
+            raise PostconditionError(p.name, f"recompile failed: {first_line(e)}") from e
         if inputs is None:
             return None
         try:
             run, _ = _forward(gm, inputs)
         except Exception as e:
             node = getattr(e, "qcd_node", None)
-            raise PostconditionError(p.name, f"forward failed: {_first_line(e)}", node) from e
-        ref_leaves, new_leaves = _tensor_leaves(reference), _tensor_leaves(run.outputs)
+            raise PostconditionError(p.name, f"forward failed: {first_line(e)}", node) from e
+        ref_leaves, new_leaves = tensor_leaves(reference), tensor_leaves(run.outputs)
         if len(ref_leaves) != len(new_leaves):
             raise PostconditionError(p.name, f"the model now returns {len(new_leaves)} tensors instead of {len(ref_leaves)}", "output")
         for i, (r, n) in enumerate(zip(ref_leaves, new_leaves)):
@@ -322,7 +269,7 @@ class Pipeline:
 
 def _first_node(gm: GraphModule, inputs: tuple, bad: Callable[[str, Any], bool]) -> str | None:
     """Name of the first node (in graph order) whose value satisfies ``bad``."""
-    runner = _Runner(gm, capture=True)
+    runner = Runner(gm, capture=True)
     with eval_no_grad(gm):
         runner.run(*inputs)
     for node in gm.graph.nodes:
@@ -353,7 +300,7 @@ def _new_source(gm: GraphModule, name: str, original: dict) -> str:
 
 def _drift(outputs: Any, reference: Any) -> tuple[float, float]:
     worst_abs, scale = 0.0, 0.0
-    for o, r in zip(_tensor_leaves(outputs), _tensor_leaves(reference)):
+    for o, r in zip(tensor_leaves(outputs), tensor_leaves(reference)):
         if not o.is_floating_point() or o.numel() == 0:
             if not torch.equal(o, r):
                 worst_abs = float("inf")

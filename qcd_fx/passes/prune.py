@@ -50,8 +50,8 @@ from ..analysis import count_macs, eval_no_grad
 from ..errors import PreconditionError
 from .base import Pass, PassOutcome, option, register
 from .dependency import Dependencies, analyze
+from .runtime import PassContext, Runner, tensor_leaves
 
-CALIBRATION_KEY = "qcd_fx_calibration"
 """``gm.meta`` key under which the pipeline hands calibration batches (tuples of inputs) to passes."""
 
 
@@ -90,8 +90,8 @@ class CDGPrune(Pass):
             return 0.5 if self.ratio is None else self.ratio
         return self.ratio
 
-    def call(self, gm: GraphModule) -> PassOutcome:
-        calib = list(gm.meta.get(CALIBRATION_KEY) or [])
+    def call(self, gm: GraphModule, context: PassContext) -> PassOutcome:
+        calib = list(context.calibration)
         _ensure_shapes(gm, calib, self.name)
         notes: list[str] = []
         stats: dict[str, Any] = {"criterion": self.criterion}
@@ -147,8 +147,6 @@ class CDGPrune(Pass):
 
 
 def _ensure_shapes(gm: GraphModule, calib: list, pass_name: str, force: bool = False) -> None:
-    from .pipeline import _Runner
-
     # a node that ran has "type" (nodes returning sizes or None never get "tensor_meta": without
     # this ViT and Swin paid a second full forward here)
     missing = any("tensor_meta" not in n.meta and "type" not in n.meta for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
@@ -157,24 +155,22 @@ def _ensure_shapes(gm: GraphModule, calib: list, pass_name: str, force: bool = F
     if not calib:
         raise PreconditionError(pass_name, "needs example inputs (shape propagation) to find channel dependencies")
     with eval_no_grad(gm):
-        _Runner(gm).run(*calib[0])
+        Runner(gm).run(*calib[0])
 
 
 def _calibrate(gm: GraphModule, calib: list, nodes: set[str]) -> tuple[dict[str, torch.Tensor], float]:
     """The outputs of ``nodes`` on the calibration batches (concatenated on axis 0) and the
     seed's efficiency of the model output (softmax over the last axis, as the seed's CDG)."""
-    from .pipeline import _Runner, _tensor_leaves
-
     values: dict[str, list[torch.Tensor]] = {}
     outputs = []
     for batch in calib:
-        runner = _Runner(gm, capture=set(nodes))
+        runner = Runner(gm, capture=set(nodes))
         with eval_no_grad(gm):
             out = runner.run(*batch)
         for name, v in (runner.values or {}).items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
                 values.setdefault(name, []).append(v.detach())
-        outputs.extend(_tensor_leaves(out))
+        outputs.extend(tensor_leaves(out))
     acts = {k: torch.cat(v) if len(v) > 1 and all(x.dim() > 0 for x in v) else v[0] for k, v in values.items()}
     effs = [float(measures.efficiency(o.float(), dim=-1)) for o in outputs if o.is_floating_point() and o.numel()]
     return acts, (sum(effs) / len(effs) if effs else 0.0)

@@ -8,18 +8,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import AllowOpt, DebugOpt, ModelArg, TrustOpt, WeightsOpt, app, friendly, out, progress, resolve_model
-from .errors import TrainingError, UsageError
+from .app import app, friendly, out, progress
+from .common import resolve_model
+from .options import AllowOpt, DebugOpt, ModelArg, TrustOpt, WeightsOpt
+from ..errors import TrainingError, UsageError
 
 
 def _digits_layout(module) -> tuple:
     """One example input in the layout ``module`` takes: ``(1, 1, 8, 8)`` images or ``(1, 64)``."""
-    from .data import load_digits_split
-    from .train import _digits_input
+    from ..data import load_digits_split
+    from ..train import digits_input
 
     x0 = load_digits_split().x_test[:2]
     try:
-        feed = _digits_input(module, x0)
+        feed = digits_input(module, x0)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return (feed(x0)[:1].clone(),)
@@ -48,9 +50,9 @@ def train_command(
     """Train MODEL (or --example) on the digits data and print the test accuracy per epoch."""
     import torch
 
-    from . import io
-    from .passes import Pipeline
-    from .train import OPTIMIZERS, _output_paths, train_on_digits
+    from .. import io
+    from ..passes import Pipeline
+    from ..train import OPTIMIZERS, output_paths, train_on_digits
 
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -68,7 +70,7 @@ def train_command(
     if output is not None:
         inputs_src = [p for p in (model, weights) if p]
         try:
-            paths = _output_paths(output, overwrite=force)
+            paths = output_paths(output, overwrite=force)
         except ValueError as e:
             raise UsageError(str(e)) from None
         except FileExistsError as e:
@@ -87,7 +89,7 @@ def train_command(
             result.report.print(out)
             module = result.graph_module
         elif not isinstance(module, torch.fx.GraphModule):
-            from .tracing import trace
+            from ..tracing import trace
 
             module = trace(module)
     shapes = [list(t.shape) for t in inputs]

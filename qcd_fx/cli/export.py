@@ -13,8 +13,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import AllowOpt, DebugOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt, app, example_inputs, friendly, out, parse_shape, progress, resolve_model
-from .errors import InputShapeError, ModelLoadError, UsageError
+from .app import app, friendly, out, progress
+from .common import example_inputs, parse_shape, resolve_model
+from .options import AllowOpt, DebugOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt
+from ..errors import InputShapeError, ModelLoadError, UsageError, first_line
 
 LeafOpt = Annotated[list[str], typer.Option("--leaf", help="keep this module (path, glob or class name) opaque when tracing")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing output files")]
@@ -22,7 +24,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing outp
 
 def check_onnx_output(path: str, inputs: list[str], force: bool) -> str:
     """Validate an ONNX output path before any work (for ``export`` and ``transform --onnx``)."""
-    from . import io
+    from .. import io
 
     if not path.endswith(".onnx"):
         raise UsageError(f"ONNX output {path!r} must end in .onnx")
@@ -36,7 +38,7 @@ def export_after_transform(gm, inputs: tuple, path: str, *, opset: int | None = 
     """Export a transformed GraphModule to ``path`` (verified unless ``check=False``) and print
     one line about it; with ``dry_run`` export and verify but write nothing. Returns the
     :class:`~qcd_fx.export.ExportReport`. For ``qcd-fx transform --onnx OUT.onnx``."""
-    from .export import export_onnx
+    from ..export import export_onnx
 
     console = console or out
     report = export_onnx(gm, inputs, None if dry_run else path, dynamic_batch=dynamic_batch, opset=opset, check=check)
@@ -50,7 +52,7 @@ def export_after_transform(gm, inputs: tuple, path: str, *, opset: int | None = 
 def _graph_module(module, leaf: list[str]):
     import torch
 
-    from .tracing import trace
+    from ..tracing import trace
 
     if isinstance(module, torch.fx.GraphModule):
         return module
@@ -76,8 +78,8 @@ def export_command(
     debug: DebugOpt = False,
 ) -> None:
     """Export MODEL (a qcd-fx GraphModule file or any MODEL `transform` takes) to ONNX, verified against onnxruntime."""
-    from . import io
-    from .export import export_onnx
+    from .. import io
+    from ..export import export_onnx
 
     if example and model and output is None:  # `export --example OUT.onnx`: the one argument is the output
         model, output = None, model
@@ -169,7 +171,7 @@ def run_command(
     """Run an ONNX file in onnxruntime and print its median latency (next to PyTorch eager with --model)."""
     import torch
 
-    from .export import _first_line, compare_outputs, interleaved_latency, onnxruntime_session, output_names
+    from ..export import compare_outputs, interleaved_latency, onnxruntime_session, output_names
 
     if not onnx_file:
         raise UsageError("missing ONNX file (qcd-fx run OUT.onnx)")
@@ -182,7 +184,7 @@ def run_command(
     try:
         session = onnxruntime_session(onnx_file, threads=threads)
     except Exception as e:
-        raise ModelLoadError(f"onnxruntime cannot load {onnx_file!r}: {_first_line(e)}") from None
+        raise ModelLoadError(f"onnxruntime cannot load {onnx_file!r}: {first_line(e)}") from None
     gm = default_shape = None
     if model:
         module, name, default_shape, _ = resolve_model(model, False, weights, trust_pickle, allow)
@@ -192,7 +194,7 @@ def run_command(
     try:
         got = session.run(None, feed)
     except Exception as e:
-        raise InputShapeError(f"onnxruntime fails to run {onnx_file!r} on inputs {', '.join('x'.join(map(str, t.shape)) for t in inputs)}: {_first_line(e)}") from None
+        raise InputShapeError(f"onnxruntime fails to run {onnx_file!r} on inputs {', '.join('x'.join(map(str, t.shape)) for t in inputs)}: {first_line(e)}") from None
 
     fns = {"onnxruntime": lambda: session.run(None, feed)}
     parity = None
@@ -204,7 +206,7 @@ def run_command(
                 try:
                     expected = gm(*inputs)
                 except Exception as e:
-                    raise InputShapeError(f"{model} fails on the inputs {', '.join('x'.join(map(str, t.shape)) for t in inputs)}: {_first_line(e)}") from None
+                    raise InputShapeError(f"{model} fails on the inputs {', '.join('x'.join(map(str, t.shape)) for t in inputs)}: {first_line(e)}") from None
                 leaves = [t for t in torch.utils._pytree.tree_flatten(expected)[0] if isinstance(t, torch.Tensor)]
                 if len(leaves) != len(got):
                     raise UsageError(f"{model} returns {len(leaves)} tensors but {onnx_file!r} {len(got)}; is it the model the file was exported from?")

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import DebugOpt, app, friendly, out
-from .errors import UsageError
+from .app import app, friendly, out
+from .options import DebugOpt
+from ..errors import UsageError
 
 
 @app.command("optimize")
@@ -31,7 +32,7 @@ def optimize_command(
     debug: DebugOpt = False,
 ) -> None:
     """Minimise FUNCTION inside its standard box and print the best value and the evaluations used."""
-    from .optim import testfunctions as tf
+    from ..optim import testfunctions as tf
 
     name = function.strip().lower()
     if name not in tf.FUNCTIONS:
@@ -59,7 +60,7 @@ def optimize_command(
         fn = tf.get(name, dim, shift)
     except ValueError as e:
         raise UsageError(f"--shift {shift}: {e}") from None
-    from .optim.quantum_dynamics import MULTIMODAL
+    from ..optim.quantum_dynamics import MULTIMODAL
 
     options = dict(MULTIMODAL) if multimodal else {}
     if restarts is not None:
