@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from ..analysis import count_params, eval_no_grad, mac_counter, sparsity_probe
 from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError, first_line
