@@ -4,6 +4,11 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, print_blob=True)  # CI: the same examples every run
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the CUDA build of torch stays on the CPU
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -493,7 +493,7 @@ def _mutate(payload, data, pool):
     elif what == "op":
         n["op"] = data.draw(st.sampled_from(["placeholder", "get_attr", "call_function", "call_method", "call_module", "output"]))
     elif what == "arg":
-        n["args"]["$tuple"].append({data.draw(st.sampled_from(["$fn", "$node", "$tensor", "$dtype"])): data.draw(pick)})
+        n["args"].setdefault("$tuple", []).append({data.draw(st.sampled_from(["$fn", "$node", "$tensor", "$dtype"])): data.draw(pick)})
     elif what == "tag":
         n["args"] = {data.draw(pick): n["args"].get("$tuple", [])}
     elif what == "class":
