@@ -234,7 +234,6 @@ def _torch_load_safe(path: str, what: str) -> Any:
         raise ModelLoadError(f"{what} {path!r} is not a PyTorch file ({msg})") from None
 
 
-
 # ---------------------------------------------------------------------------------------------
 # GraphModule save / load
 

@@ -61,6 +61,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import CodeGen
 from torch.fx.node import _get_qualified_name
 
+from .errors import first_line
 from .tracing import FastModuleAccess, fast_module_access
 
 FORMAT = "qcd-fx.graphmodule"
@@ -151,6 +152,11 @@ def _is_dunder(name: str) -> bool:
     return name.startswith("__")
 
 
+def _dotted(name: str) -> bool:
+    """``a.b.c`` with every part an identifier and none a dunder (package, class, function names)."""
+    return len(name) <= _MAX_NAME and all(_IDENT.fullmatch(p) and not _is_dunder(p) for p in name.split("."))
+
+
 def _method_allowed(name: str) -> bool:
     if name in OPERATOR_DUNDERS:
         return True
@@ -194,7 +200,12 @@ def _value_functions() -> dict[str, Callable]:
     return table
 
 
-def _aten_function(match: re.Match) -> Callable | None:
+@functools.lru_cache(maxsize=4096)
+def _aten_function(qualname: str) -> Callable | None:
+    """The ATen operator ``torch.ops.aten.NAME[.OVERLOAD]`` names, unless it reads files or storages."""
+    match = _ATEN.fullmatch(qualname)
+    if match is None:
+        return None
     name, overload = match.group(1, 2)
     if _is_dunder(name):
         return None
@@ -225,7 +236,7 @@ class Policy:
         roots = []
         for pkg in (*DEFAULT_ALLOW, *allow):
             pkg = str(pkg).strip().rstrip(".")
-            if not pkg or not all(_IDENT.fullmatch(p) and not _is_dunder(p) for p in pkg.split(".")):
+            if not _dotted(pkg):
                 raise ValueError(f"--allow {pkg!r} is not a package name")
             roots.append(pkg)
         self.allow = tuple(dict.fromkeys(roots))
@@ -239,9 +250,8 @@ class Policy:
         fn = _value_functions().get(qualname)
         if fn is not None:
             return fn
-        match = _ATEN.fullmatch(qualname)
-        if match:
-            fn = _aten_function(match)
+        if qualname.startswith("torch.ops.aten."):
+            fn = _aten_function(qualname)
             if fn is None:
                 raise Refused(f"'{qualname}', which is not an ATen operator the format allows")
             return fn
@@ -256,7 +266,7 @@ class Policy:
         parts = qualname.split(".")
         if not module_name or parts[0] == "torch" or not self._allowed_root(qualname):
             return None
-        if len(qualname) > _MAX_NAME or not all(_IDENT.fullmatch(p) and not _is_dunder(p) for p in parts):
+        if not _dotted(qualname):
             return None
         try:
             module = importlib.import_module(module_name)
@@ -280,7 +290,7 @@ class Policy:
         if not isinstance(qualname, str) or len(qualname) > _MAX_NAME:
             raise Malformed("a module class name is not a string of reasonable length")
         parts = qualname.split(".")
-        if not all(_IDENT.fullmatch(p) and not _is_dunder(p) for p in parts):
+        if not _dotted(qualname):
             raise Refused(f"module class {qualname[:80]!r} is not a dotted name of identifiers")
         if not self._allowed_root(qualname):
             raise Refused(
@@ -692,16 +702,12 @@ def decode(payload: Any, policy: Policy, *, build: bool = True) -> GraphModule |
         root = dec.modules(payload.get("modules"))
         graph = dec.graph(payload.get("nodes"), root)
     except (TypeError, ValueError, RuntimeError, OverflowError, AttributeError, KeyError, IndexError) as e:  # e.g. unhashable set members
-        raise Malformed(f"{type(e).__name__}: {_first_line(e)}") from None
+        raise Malformed(f"{type(e).__name__}: {first_line(e)}") from None
     if not build:
         return None
     try:
         graph.lint()
         return fast_module_access(GraphModule(root, graph, class_name))
     except Exception as e:
-        raise Malformed(f"it does not form a valid graph ({type(e).__name__}: {_first_line(e)})") from None
+        raise Malformed(f"it does not form a valid graph ({type(e).__name__}: {first_line(e)})") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

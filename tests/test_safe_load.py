@@ -118,73 +118,66 @@ def _method_with_callable(method):
     return case
 
 
-def _method_code_injection(sentinel):
-    p = net_payload()
-    node(p, "call_method")["target"] = f"view(2, -1); open({sentinel!r}, 'w').write('x'); x.view"
-    return p
-
-
-def _fn_value_argument(sentinel):
-    p = net_payload()
-    node(p, "call_method")["args"]["$tuple"].append(fn("_operator.call"))
-    return p
-
-
 def _tampered(change):
-    """A case: ``Net``'s valid payload with ``change(payload)`` applied."""
+    """A case: ``Net``'s valid payload with ``change(payload, sentinel)`` applied (a decorator too)."""
 
     def case(sentinel):
         p = net_payload()
-        change(p)
+        change(p, sentinel)
         return p
 
     return case
 
 
+@_tampered
+def _method_code_injection(p, sentinel):
+    node(p, "call_method")["target"] = f"view(2, -1); open({sentinel!r}, 'w').write('x'); x.view"
+
+
+@_tampered
+def _fn_value_argument(p, sentinel):
+    node(p, "call_method")["args"]["$tuple"].append(fn("_operator.call"))
+
+
 def _function(name):
-    return _tampered(lambda p: node(p, "call_function").update(target=fn(name)))
+    return _tampered(lambda p, s: node(p, "call_function").update(target=fn(name)))
 
 
 def _module_attr(key, value):
-    return _tampered(lambda p: p["modules"][1]["attrs"].update({key: value}))
+    return _tampered(lambda p, s: p["modules"][1]["attrs"].update({key: value}))
 
 
 def _module_class(qualname):
-    return _tampered(lambda p: p["modules"][1].update({"class": qualname}))
+    return _tampered(lambda p, s: p["modules"][1].update({"class": qualname}))
 
 
-def _placeholder_injection(sentinel):
-    p = net_payload()
+@_tampered
+def _placeholder_injection(p, sentinel):
     node(p, "placeholder")["target"] = f"x, _=open({sentinel!r}, 'w').write('x')"
-    return p
 
 
-def _module_path_injection(sentinel):
+@_tampered
+def _module_path_injection(p, sentinel):
     assert "." not in sentinel
     evil = f'lin"),print(1,file=open("{sentinel}","w")),getattr(self,"lin'
-    p = net_payload()
     p["modules"][1]["name"] = evil
     node(p, "call_module")["target"] = evil
-    return p
 
 
-def _kwarg_injection(sentinel):
-    p = net_payload()
+@_tampered
+def _kwarg_injection(p, sentinel):
     sum_node = next(n for n in p["nodes"] if n["target"] == "sum")
     sum_node["kwargs"] = {"$dict": [[f"dim=print(1,file=open({sentinel!r},'w')) or 1, keepdim", True]]}
-    return p
 
 
-def _node_name_injection(sentinel):
-    p = net_payload()
+@_tampered
+def _node_name_injection(p, sentinel):
     node(p, "call_function")["name"] = f"y = open({sentinel!r}, 'w'); z"
-    return p
 
 
-def _class_name_injection(sentinel):
-    p = net_payload()
+@_tampered
+def _class_name_injection(p, sentinel):
     p["class_name"] = f"G(); open({sentinel!r}, 'w')"
-    return p
 
 
 def _get_attr_module(sentinel):
@@ -209,27 +202,25 @@ def _aten_from_file(sentinel):
     return p
 
 
-def _deep_nesting(sentinel):
-    p = net_payload()
+@_tampered
+def _deep_nesting(p, sentinel):
     deep = 0
     for _ in range(200):
         deep = [deep]
     node(p, "call_method")["args"]["$tuple"].append(deep)
-    return p
 
 
-def _huge_name(sentinel):
-    p = net_payload()
+@_tampered
+def _huge_name(p, sentinel):
     node(p, "call_function")["name"] = "n" * 1_000_000
-    return p
 
 
 def _set(key, value):
-    return _tampered(lambda p: p.update({key: value}))
+    return _tampered(lambda p, s: p.update({key: value}))
 
 
 def _nodes(change):
-    return _tampered(lambda p: change(p["nodes"]))
+    return _tampered(lambda p, s: change(p["nodes"]))
 
 
 # (case, error class, fragment of the one-line message)
@@ -279,7 +270,7 @@ REFUSED = {
     "output not last": (_nodes(lambda ns: ns.insert(len(ns) - 1, dict(ns[-1], name="out2"))), ModelLoadError, "must be last"),
     "unknown node kind": (_nodes(lambda ns: ns[1].update(op="call_python")), ModelLoadError, "unknown kind"),
     "unknown tag": (_nodes(lambda ns: ns[2].update(args={"$pickle": "x"})), ModelLoadError, "unknown value tag"),
-    "missing tensor": (_tampered(lambda p: p["tensors"].clear()), ModelLoadError, "tensor the file does not hold"),
+    "missing tensor": (_tampered(lambda p, s: p["tensors"].clear()), ModelLoadError, "tensor the file does not hold"),
     "unhashable set": (_nodes(lambda ns: ns[2]["args"]["$tuple"].append({"$set": [[1]]})), ModelLoadError, "TypeError"),
     "bad size": (_nodes(lambda ns: ns[2]["args"]["$tuple"].append({"$size": ["1"]})), ModelLoadError, "size holds"),
     "bad device": (_nodes(lambda ns: ns[2]["args"]["$tuple"].append({"$device": "cpu; rm"})), ModelLoadError, "names a device"),
