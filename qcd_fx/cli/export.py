@@ -1,7 +1,7 @@
 """``qcd-fx export`` and ``qcd-fx run``: ONNX export verified against onnxruntime, and latency.
 
-Registered on :data:`qcd_fx.cli.app` when this module is imported (``cli.py`` imports it at
-the bottom). Like every qcd-fx command: one line on stderr and a non-zero exit for every bad
+Registered on :data:`qcd_fx.cli.app` when this module is imported (``qcd_fx.cli`` imports it;
+it never imports the package back). Like every qcd-fx command: one line on stderr and a non-zero exit for every bad
 input, ``--debug`` for the traceback, outputs written atomically (a failed export leaves no
 file).
 """
