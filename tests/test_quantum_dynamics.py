@@ -9,10 +9,16 @@ from torch import nn
 import qcd_fx
 from qcd_fx.data import digits_loaders
 from qcd_fx.examples import digits_mlp
-from qcd_fx.optim.quantum_dynamics import MULTIMODAL, QuantumDynamics, QuantumLangevin, boltzmann_weights, ensemble_noise, minimize
+from qcd_fx.optim.quantum_dynamics import (
+    MULTIMODAL,
+    QuantumDynamics,
+    boltzmann_weights,
+    ensemble_noise,
+    minimize,
+)
+from qcd_fx.optim.quantum_langevin import QuantumLangevin
 from qcd_fx.optim.testfunctions import Rastrigin, Rosenbrock, Sphere
 from qcd_fx.train import fit
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensor ops: threads only add overhead
 

@@ -16,12 +16,13 @@
     opt.step(model=model, batch=(x, y), loss_fn=F.cross_entropy)  # all agents in one vmap call
 """
 
-from .cce import CCE, efficiencies
-from .population import BatchedEvaluator, FlatLayout, Population
 from . import testfunctions
+from .cce import CCE, efficiencies
+from .population import BatchedEvaluator, FlatLayout, Population, PopulationOptimizer
 from .qdt import QDTSchedule, StabilityController
 from .qimad import QIMAD
-from .quantum_dynamics import QuantumDynamics, QuantumLangevin
+from .quantum_dynamics import QuantumDynamics
+from .quantum_langevin import QuantumLangevin
 
 __all__ = [
     "CCE",
@@ -34,5 +35,6 @@ __all__ = [
     "BatchedEvaluator",
     "FlatLayout",
     "Population",
+    "PopulationOptimizer",
     "testfunctions",
 ]

@@ -24,24 +24,21 @@ where it is high — and never steps uphill: the scale is an increasing, strictl
 ``(1 + E) / 2`` alone (``min_scale=0``) maps ``(-1, 1)`` onto ``(0, 1)``, but ``E = -1`` for a
 zero tensor, so every zero-initialised tensor (interface-gate projectors, BatchNorm biases) would
 get a scale of ~1e-7 and never move. The floor ``min_scale`` keeps them trainable; the scales stay
-ordered exactly as the efficiencies. Measured on a validation split (digits, QCI MLP and CNN,
-8 epochs, 2 seeds; ``benchmarks/results/optimizers.md``, "defaults"): ``min_scale`` in
-``{0, 0.25, 0.5, 1}`` gives validation accuracies within ~1 point of each other, i.e. the
-efficiency scaling neither helps nor hurts measurably; 0.25 was best on the MLP and is the
-default. ``momentum=0.9`` is the default: with ``momentum=0`` the same ``lr=0.1`` reached 93.4 %
-(MLP) and 94.1 % (CNN) after 8 epochs, against 96.7 % and 96.0 % with it. ``refresh_every`` of 1,
-32 and 128 gave 95.3, 96.7 and 95.8 % (MLP): no measurable effect of refreshing less often.
+ordered exactly as the efficiencies. The defaults were chosen on a validation split (digits, QCI
+MLP and CNN; ``benchmarks/optimizers.py``, results in ``benchmarks/results/optimizers.json``
+under ``defaults``): ``min_scale`` in ``{0, 0.25, 0.5, 1}`` made no measurable difference (the
+efficiency scaling neither helps nor hurts), ``momentum=0.9`` trained clearly better than none,
+and refreshing the efficiencies less often (``refresh_every``) cost no accuracy.
 
 Cost. Each efficiency needs one ``exp`` per parameter element (the softmax). The foreach path
 computes all ``I`` and ``S`` with batched reductions (small tensors of equal shape are stacked;
 large tensors are processed in cache-sized column chunks with ``H = log Z + max - sum(z x) / Z``:
 one ``exp`` per element instead of the seed's ``softmax`` + ``log_softmax``) and updates each large
 tensor with one fused SGD kernel. ``refresh_every=K`` (default 32) recomputes the efficiencies every
-``K`` steps; between refreshes a step costs what fused SGD-momentum costs. Measured on a
-25M-parameter MLP (one thread, ``benchmarks/optimizers.py``), per step ÷ ``SGD(foreach=True)``:
-seed mode ~50x (Adam(foreach) ~13-15x), exact mode (``refresh_every=1``) ~9-10x, default ~1.9x,
-of which fused SGD-momentum itself is ~1.6x (the floor of any momentum method: 5 memory passes
-against plain SGD's 3) and the amortised refresh ~0.25x.
+``K`` steps; between refreshes a step costs what fused SGD-momentum costs, the floor of any
+momentum method (5 memory passes per element against plain SGD's 3). The cost per step of every
+mode against ``SGD(foreach=True)`` and Adam is measured by ``benchmarks/optimizers.py``
+(``benchmarks/results/optimizers.json``, ``cce_step_cost``; table in the README).
 
 Other options: momentum (heavy-ball, optional Nesterov), coupled weight decay, per-group
 settings, ``torch.optim.lr_scheduler`` (it reads ``group["lr"]`` every step), ``state_dict``

@@ -21,12 +21,10 @@ Three pieces, usable on their own:
 
   ``mode="auto"`` picks ``loop`` for models with convolutions on CPU, and for calls with at most
   two copies, and ``vmap`` otherwise: vmap turns a convolution with per-copy weights into one
-  grouped convolution, which ran ~1.5x slower than ``k`` separate convolutions on the digits CNN
-  (CPU, one thread; ``benchmarks/optimizers.py``), while on the digits MLP vmap's batched matmuls
-  beat the loop by ~1.3x at 8 copies. vmap's own cost per call (~1-1.5 ms on the digits QCI MLP)
-  outweighs that for one or two copies: in a standalone timing the loop took 0.53-0.73x vmap's
-  time at k = 1, 2 on the digits MLPs and 0.5-1.0x on a 2-64-32-1 MLP. If vmap raises, ``auto``
-  emits one warning and uses the loop from then on.
+  grouped convolution, slower on CPU than ``k`` separate convolutions, while for linear layers
+  vmap's batched matmuls beat the loop; vmap's fixed cost per call outweighs that for one or two
+  copies (``benchmarks/optimizers.py`` measures both paths). If vmap raises, ``auto`` emits one
+  warning and uses the loop from then on.
 
 :func:`closure_evaluate` is the seed's evaluation: load each position into the model, call a
 user closure, read ``.grad``. It is slower and the model's buffers are shared by all agents.
@@ -34,6 +32,8 @@ user closure, read ``.grad``. It is slower and the model's buffers are shared by
 
 from __future__ import annotations
 
+import math
+import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.conv import _ConvNd
+from torch.optim import Optimizer
 
 EvalMode = Literal["auto", "vmap", "loop"]
 EVAL_MODES = ("auto", "vmap", "loop")
@@ -59,8 +60,7 @@ class FlatLayout:
         devices = {t.device for t in tensors}
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(
-                f"all parameters of a population must share one dtype and device, got dtypes {sorted(map(str, dtypes))} "
-                f"and devices {sorted(map(str, devices))}"
+                f"all parameters of a population must share one dtype and device, got dtypes {sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}"
             )
         self.dtype = tensors[0].dtype
         if not self.dtype.is_floating_point:
@@ -119,7 +119,12 @@ class Population:
         self.params = list(params)
         self.layout = FlatLayout(self.params)
         self.num_agents = num_agents
-        self.positions = torch.empty(num_agents, self.layout.dim, dtype=self.layout.dtype, device=self.layout.device)
+        self.positions = torch.empty(
+            num_agents,
+            self.layout.dim,
+            dtype=self.layout.dtype,
+            device=self.layout.device,
+        )
         self.buffers: dict[str, Tensor] = {}
 
     @torch.no_grad()
@@ -132,7 +137,13 @@ class Population:
         if noise > 0 and self.num_agents > 1:
             rms = [float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in self.params]
             scale = self.layout.per_element([noise * r for r in rms])
-            eps = torch.randn(self.num_agents - 1, self.layout.dim, generator=generator, device=self.layout.device, dtype=self.layout.dtype)
+            eps = torch.randn(
+                self.num_agents - 1,
+                self.layout.dim,
+                generator=generator,
+                device=self.layout.device,
+                dtype=self.layout.dtype,
+            )
             self.positions[1:].addcmul_(eps, scale.expand_as(eps))
 
     @torch.no_grad()
@@ -148,8 +159,7 @@ class Population:
     def stack_buffers(self, model: nn.Module) -> None:
         """Give every agent its own copy of ``model``'s current buffers (BatchNorm statistics, …)."""
         self.buffers = {
-            name: b.detach().unsqueeze(0).repeat(self.num_agents, *([1] * b.dim())).contiguous()
-            for name, b in model.named_buffers(remove_duplicate=False)
+            name: b.detach().unsqueeze(0).repeat(self.num_agents, *([1] * b.dim())).contiguous() for name, b in model.named_buffers(remove_duplicate=False)
         }
 
     @torch.no_grad()
@@ -345,7 +355,12 @@ class BatchedEvaluator:
         return Evaluation(torch.stack(losses), grads, "loop")
 
 
-def closure_evaluate(layout: FlatLayout, params: Sequence[Tensor], positions: Tensor, closure: Callable[[], Any]) -> Evaluation:
+def closure_evaluate(
+    layout: FlatLayout,
+    params: Sequence[Tensor],
+    positions: Tensor,
+    closure: Callable[[], Any],
+) -> Evaluation:
     """The seed's evaluation: for each row of ``positions``, load it into ``params``, zero their
     ``.grad``, call ``closure()`` (which must run forward and ``backward``), and read the loss and
     ``.grad``. The parameters are left holding the last row."""
@@ -370,16 +385,167 @@ def closure_evaluate(layout: FlatLayout, params: Sequence[Tensor], positions: Te
     return Evaluation(torch.tensor(losses, dtype=torch.float64), grads, "closure")
 
 
-__all__ = ["EVAL_MODES", "FlatLayout", "Population", "BatchedEvaluator", "Evaluation", "closure_evaluate"]
+# ── argument checks shared by the population optimizers (one-line ValueErrors) ──────────────────
 
 
-def split_state(state_dict: dict[str, Any], key: str, version: int, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(torch Optimizer part, own part)`` of a population optimizer's ``state_dict``: the own
-    part sits under ``key`` with a ``version``; anything else is a one-line ``ValueError``."""
-    if key not in state_dict:
-        raise ValueError(f"not a {what} state dict (no {key!r} entry)")
-    rest = dict(state_dict)
-    own = rest.pop(key)
-    if own.get("version") != version:
-        raise ValueError(f"unsupported {what} state version {own.get('version')!r}")
-    return rest, own
+def check_number(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return float(value)
+
+
+def check_integer(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def resolve_seed(seed: Any) -> int:
+    """``seed`` checked, or a fresh one drawn from the OS (stored by the optimizer, so a run can be repeated)."""
+    if seed is None:
+        return random.SystemRandom().randrange(2**62)
+    return check_integer("seed", seed, 0)
+
+
+# ── the base class ──────────────────────────────────────────────────────────────────────────────
+
+
+class PopulationOptimizer(Optimizer):
+    """What :class:`~qcd_fx.optim.QIMAD`, :class:`~qcd_fx.optim.QuantumDynamics` and
+    :class:`~qcd_fx.optim.QuantumLangevin` share: the three ways to call ``step``, the batched
+    evaluator (one per model), the seeded generator, per-element learning rates, and a versioned
+    ``state_dict`` that carries the optimizer's own state under :attr:`state_key`.
+
+    A subclass sets :attr:`state_key` and :attr:`state_version` and implements
+    ``_own_state() -> dict`` and ``_load_own_state(own)``; ``_load_own_state`` runs after torch's
+    own ``load_state_dict`` (parameter groups restored) and must leave the optimizer either
+    uninitialised or whole.
+    """
+
+    population_based = True  # qcd_fx.train.fit calls step(model=, batch=, loss_fn=)
+    state_key: str = ""
+    state_version: int = 1
+    _evaluator: BatchedEvaluator | None = None
+    _evaluator_model: int | None = None
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _step_mode(
+        self,
+        closure: Any,
+        model: Any,
+        batch: Any,
+        loss_fn: Any,
+        *,
+        batched_loss_fn: bool = False,
+        plain: bool = False,
+    ) -> str:
+        """How ``step`` was called: ``"closure"``, ``"model"`` (``model=, batch=, loss_fn=``),
+        ``"loss_fn"`` (a loss over a matrix of positions, where ``batched_loss_fn``) or ``"plain"``
+        (after ``backward()``, where ``plain``); anything else is a one-line ValueError."""
+        name = type(self).__name__
+        if closure is not None:
+            if model is not None or (batched_loss_fn and loss_fn is not None):
+                raise ValueError("pass either a closure or model=/batch=/loss_fn=, not both")
+            if not callable(closure):
+                raise ValueError("closure must be callable")
+            return "closure"
+        if model is not None:
+            if batch is None or loss_fn is None:
+                raise ValueError(f"{name}.step(model=...) also needs batch=(inputs, target) and loss_fn=")
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError("batch must be a pair (inputs, target)")
+            return "model"
+        if batch is not None:
+            raise ValueError("batch= needs model= as well")
+        if loss_fn is not None:
+            if batched_loss_fn:
+                return "loss_fn"
+            raise ValueError("loss_fn= needs model= and batch= as well")
+        if plain:
+            return "plain"
+        ways = (
+            "a closure, a batched loss_fn=, or model=, batch=(inputs, target) and loss_fn="
+            if batched_loss_fn
+            else "a closure, or model=, batch=(inputs, target) and loss_fn="
+        )
+        raise ValueError(f"{name}.step needs {ways}")
+
+    def _get_evaluator(self, model: nn.Module, params: Sequence[Tensor], mode: str) -> BatchedEvaluator:
+        """The batched evaluator of ``model`` (built once per model)."""
+        if self._evaluator is None or self._evaluator_model != id(model):
+            self._evaluator = BatchedEvaluator(model, params, mode=mode)
+            self._evaluator_model = id(model)
+        return self._evaluator
+
+    @property
+    def evaluation_mode(self) -> str | None:
+        """How the last ``model=`` step evaluated the population: ``"vmap"`` or ``"loop"`` (None before)."""
+        return self._evaluator.last_mode if self._evaluator is not None else None
+
+    @staticmethod
+    def _generator(seed: int, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return gen
+
+    def _lr_vector(self, layout: FlatLayout) -> Tensor | float:
+        """The learning rate: one float, or a per-element ``(D,)`` vector where groups differ."""
+        lrs = [float(g["lr"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if len(set(lrs)) == 1:
+            return lrs[0]
+        return layout.per_element(lrs)
+
+    def _own_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_own_state(self, own: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[self.state_key] = {"version": self.state_version, **self._own_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name, key = type(self).__name__, self.state_key
+        if not isinstance(state_dict, dict) or key not in state_dict:
+            raise ValueError(f"not a {name} state dict (no {key!r} entry)")
+        rest = dict(state_dict)
+        own = rest.pop(key)
+        if not isinstance(own, dict) or own.get("version") != self.state_version:
+            version = own.get("version") if isinstance(own, dict) else None
+            raise ValueError(f"unsupported {name} state version {version!r}")
+        super().load_state_dict(rest)
+        self._evaluator = None
+        self._load_own_state(own)
+
+
+__all__ = [
+    "EVAL_MODES", "FlatLayout", "Population", "BatchedEvaluator", "Evaluation", "PopulationOptimizer", "closure_evaluate",
+    "check_number", "check_integer", "check_choice", "check_flag", "resolve_seed",
+]  # fmt: skip

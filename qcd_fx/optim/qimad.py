@@ -56,9 +56,9 @@ What differs from the seed (each a defect found by running it; seeds README, ite
   wrote it (18).
 * **One fused pass** — with bias correction and one learning rate (the defaults) the RMSProp
   step is torch's fused Adam kernel at ``beta1 = 0``, which is exactly this RMSProp: one pass over
-  each agent's weights, gradient and ``v`` instead of seven tensor operations over the swarm
-  (one update of the digits QCI MLP's 8 x 217 102 swarm, one thread, standalone timing: 5.96 ms
-  as seven operations, 2.57 ms fused).
+  each agent's weights, gradient and ``v`` instead of seven tensor operations over the swarm.
+  Where the kernel refuses a call (dtype, device) the step warns once and uses the seven
+  operations from then on (same result).
 * **Cooling** — :func:`qcd_fx.train.fit` sets ``total_steps`` when it is not given; without it a
   warning says that cooling is off (19).
 * Stagnation is counted in the agent's own evaluations (the seed also counted the steps in which
@@ -76,16 +76,25 @@ dtype and device. Model randomness (dropout) comes from the global RNG, as in an
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from .population import EVAL_MODES, BatchedEvaluator, Population, closure_evaluate, split_state
+from ..errors import first_line
+from .population import (
+    EVAL_MODES,
+    Population,
+    PopulationOptimizer,
+    check_choice,
+    check_flag,
+    check_integer,
+    check_number,
+    closure_evaluate,
+    resolve_seed,
+)
 
 TOPOLOGIES = ("complete", "ring", "grid", "random")
 COOLINGS = ("cosine", "linear", "exponential", None)
@@ -94,31 +103,16 @@ _SWARM_KEYS = (
     "num_agents", "gamma", "k", "alpha_lr", "beta_lr", "topology", "k_eval", "cooling", "total_steps",
     "min_temp", "rms_decay", "eps", "bias_correction", "init_noise", "loss_ema", "patience", "pull", "evaluation",
     "reuse_gradients",
-)  # fmt: skip
+)
 
 _STATE_VERSION = 1
 
 DEFAULT_LR = 2e-3
-"""Default RMSProp learning rate. Digits validation split, 8 epochs (``benchmarks/optimizers.py``,
-"defaults"): lr 1e-3 / 2e-3 / 3e-3 gave 96.2 / 95.8 / 96.4 % on the QCI MLP and 95.7 / 96.2 / 96.9 %
-on the QCI CNN — differences of a few validation images; 1e-3 was visibly slower on the CNN in the
-first epochs and 3e-3 less stable on the MLP, so the middle value is the default. Bias correction
-(default on) made no measurable difference at this lr (95.8 vs 96.5 % without), but at the seed
-README's eta = 0.01, full batch, the uncorrected swarm's best loss went 2.31 -> 132 -> 4678 in two
-steps, the corrected one 2.31 -> 1.41."""
-
-
-def _number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
-
-
-def _integer(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+"""Default RMSProp learning rate, chosen on a digits validation split (``benchmarks/optimizers.py``;
+``benchmarks/results/optimizers.json`` under ``defaults``): 1e-3, 2e-3 and 3e-3 differ by a few
+validation images; 1e-3 was slower on the CNN early on and 3e-3 less stable on the MLP. Bias
+correction (default on) makes no measurable difference at this lr, but keeps the first steps
+bounded at the seed README's larger ``eta``."""
 
 
 def build_neighbors(n: int, topology: str, generator: torch.Generator | None = None) -> list[list[int]]:
@@ -199,7 +193,7 @@ def temperature(step: int, total_steps: int | None, cooling: str | None, min_tem
     raise ValueError(f"cooling must be one of cosine, linear, exponential or None, got {cooling!r}")
 
 
-class QIMAD(Optimizer):
+class QIMAD(PopulationOptimizer):
     """Quantum-inspired multi-agent descent (population optimizer). See the module docstring.
 
     Args:
@@ -226,7 +220,8 @@ class QIMAD(Optimizer):
     loss of the agent now loaded into the model (a float).
     """
 
-    population_based = True  # qcd_fx.train.fit calls step(model=, batch=, loss_fn=)
+    state_key = "qimad"
+    state_version = _STATE_VERSION
 
     def __init__(
         self,
@@ -258,13 +253,11 @@ class QIMAD(Optimizer):
         if lr is not None and eta is not None:
             raise ValueError("pass lr or its alias eta, not both")
         lr = DEFAULT_LR if lr is None and eta is None else (lr if lr is not None else eta)
-        _integer("num_agents", num_agents, 1)
+        check_integer("num_agents", num_agents, 1)
         if k_eval is not None:
-            _integer("k_eval", k_eval, 1)
+            check_integer("k_eval", k_eval, 1)
             if k_eval > num_agents:
                 raise ValueError(f"k_eval must be <= num_agents ({num_agents}), got {k_eval}")
-        if seed is not None:
-            _integer("seed", seed, 0)
         defaults = dict(
             lr=lr, num_agents=num_agents, gamma=gamma, k=k, alpha_lr=alpha_lr, beta_lr=beta_lr, topology=topology,
             k_eval=num_agents if k_eval is None else k_eval, cooling=cooling, total_steps=total_steps, min_temp=min_temp,
@@ -278,12 +271,10 @@ class QIMAD(Optimizer):
             for key in _SWARM_KEYS:
                 if g[key] != self.param_groups[0][key]:
                     raise ValueError(f"{key} is a swarm-wide setting: it must be the same in every parameter group")
-        self.seed = seed if seed is not None else random.SystemRandom().randrange(2**62)
+        self.seed = resolve_seed(seed)
         self._initialized = False
         self._track = False
         self._log: dict[str, list] = self._empty_log()
-        self._evaluator: BatchedEvaluator | None = None
-        self._evaluator_model: int | None = None
         self._warned_cooling = False
         self._fused = hasattr(torch, "_fused_adam_")  # False after the kernel refused a call
         self._spare: Tensor | None = None  # the fused step's second (N, D) buffer
@@ -295,30 +286,25 @@ class QIMAD(Optimizer):
     @staticmethod
     def _validate(g: dict[str, Any]) -> None:
         lr = float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"]
-        _number("lr", lr, 0.0, low_open=True)
-        _number("gamma", g["gamma"], 0.0)
-        _number("k", g["k"], 0.0)
-        _number("alpha_lr", g["alpha_lr"], 0.0)
-        _number("beta_lr", g["beta_lr"], 0.0)
-        if g["topology"] not in TOPOLOGIES:
-            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {g['topology']!r}")
-        if g["cooling"] not in COOLINGS:
-            raise ValueError(f"cooling must be one of cosine, linear, exponential or None, got {g['cooling']!r}")
+        check_number("lr", lr, 0.0, low_open=True)
+        check_number("gamma", g["gamma"], 0.0)
+        check_number("k", g["k"], 0.0)
+        check_number("alpha_lr", g["alpha_lr"], 0.0)
+        check_number("beta_lr", g["beta_lr"], 0.0)
+        check_choice("topology", g["topology"], TOPOLOGIES)
+        check_choice("cooling", g["cooling"], COOLINGS)
         if g["total_steps"] is not None:
-            _integer("total_steps", g["total_steps"], 1)
-        _number("min_temp", g["min_temp"], 0.0, 1.0)
-        _number("rms_decay", g["rms_decay"], 0.0, 1.0, high_open=True)
-        _number("eps", g["eps"], 0.0, low_open=True)
-        if not isinstance(g["bias_correction"], bool):
-            raise ValueError(f"bias_correction must be True or False, got {g['bias_correction']!r}")
-        _number("init_noise", g["init_noise"], 0.0)
-        _number("loss_ema", g["loss_ema"], 0.0, 1.0, high_open=True)
-        _integer("patience", g["patience"], 0)
-        _number("pull", g["pull"], 0.0)
-        if not isinstance(g["reuse_gradients"], bool):
-            raise ValueError(f"reuse_gradients must be True or False, got {g['reuse_gradients']!r}")
-        if g["evaluation"] not in EVAL_MODES:
-            raise ValueError(f"evaluation must be one of {', '.join(EVAL_MODES)}, got {g['evaluation']!r}")
+            check_integer("total_steps", g["total_steps"], 1)
+        check_number("min_temp", g["min_temp"], 0.0, 1.0)
+        check_number("rms_decay", g["rms_decay"], 0.0, 1.0, high_open=True)
+        check_number("eps", g["eps"], 0.0, low_open=True)
+        check_flag("bias_correction", g["bias_correction"])
+        check_number("init_noise", g["init_noise"], 0.0)
+        check_number("loss_ema", g["loss_ema"], 0.0, 1.0, high_open=True)
+        check_integer("patience", g["patience"], 0)
+        check_number("pull", g["pull"], 0.0)
+        check_flag("reuse_gradients", g["reuse_gradients"])
+        check_choice("evaluation", g["evaluation"], EVAL_MODES)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_initialized", False):
@@ -334,7 +320,7 @@ class QIMAD(Optimizer):
 
     def set_total_steps(self, total_steps: int, only_if_unset: bool = False) -> None:
         """Set the length of the cooling schedule (``fit`` calls this with epochs × batches)."""
-        _integer("total_steps", total_steps, 1)
+        check_integer("total_steps", total_steps, 1)
         if only_if_unset and self.param_groups[0]["total_steps"] is not None:
             return
         for g in self.param_groups:
@@ -366,7 +352,16 @@ class QIMAD(Optimizer):
 
     @staticmethod
     def _empty_log() -> dict[str, list]:
-        return {"losses": [], "diversity": [], "tunnels": [], "alphas": [], "betas": [], "temperature": [], "best": [], "resets": []}
+        return {
+            "losses": [],
+            "diversity": [],
+            "tunnels": [],
+            "alphas": [],
+            "betas": [],
+            "temperature": [],
+            "best": [],
+            "resets": [],
+        }
 
     def _require_init(self) -> None:
         if not self._initialized:
@@ -375,22 +370,24 @@ class QIMAD(Optimizer):
     # ── state ───────────────────────────────────────────────────────────────────────────────────
     # Per-agent scalars live in Python lists (N is small; a tensor op per scalar costs ~5 us each).
 
-    _SCALARS = ("cached_losses", "ema", "agent_best", "stagnation", "rms_steps", "has_grad", "alphas", "betas", "neighbors")
-
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-
-    def _new_generator(self, device: torch.device) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed)
-        return gen
+    _SCALARS = (
+        "cached_losses",
+        "ema",
+        "agent_best",
+        "stagnation",
+        "rms_steps",
+        "has_grad",
+        "alphas",
+        "betas",
+        "neighbors",
+    )
 
     def _init_state(self) -> None:
         g0 = self.param_groups[0]
         n = g0["num_agents"]
         self._pop = Population(self._params(), n)
         dev = self._pop.layout.device
-        self._gen = self._new_generator(dev)
+        self._gen = self._generator(self.seed, dev)
         self._pop.init_from_params(g0["init_noise"], self._gen)
         self._rms = torch.zeros_like(self._pop.positions)
         angles = torch.rand(2, n, generator=self._gen, device=dev, dtype=torch.float64).cpu()
@@ -415,9 +412,8 @@ class QIMAD(Optimizer):
             return torch.zeros_like(self._pop.positions)
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        swarm: dict[str, Any] = {"version": _STATE_VERSION, "seed": self.seed, "initialized": self._initialized,
+    def _own_state(self) -> dict[str, Any]:
+        swarm: dict[str, Any] = {"seed": self.seed, "initialized": self._initialized,
                                  "nonfinite_resets": self.nonfinite_resets, "tunnels": self.tunnels}  # fmt: skip
         if self._initialized:
             swarm.update({name: list(getattr(self, "_" + name)) for name in self._SCALARS})
@@ -427,17 +423,13 @@ class QIMAD(Optimizer):
                 best=self._best, generator=self._gen.get_state(), buffers=dict(self._pop.buffers),
                 buffers_stacked=self._buffers_stacked,
             )  # fmt: skip
-        sd["qimad"] = swarm
-        return sd
+        return swarm
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict, swarm = split_state(state_dict, "qimad", _STATE_VERSION, "QIMAD")
-        super().load_state_dict(state_dict)
+    def _load_own_state(self, swarm: dict[str, Any]) -> None:
         self.seed = swarm["seed"]
         self.nonfinite_resets = swarm["nonfinite_resets"]
         self.tunnels = swarm["tunnels"]
         self._initialized = False
-        self._evaluator = None
         if not swarm["initialized"]:
             return
         g0 = self.param_groups[0]
@@ -459,30 +451,13 @@ class QIMAD(Optimizer):
         self._neighbors = [list(row) for row in swarm["neighbors"]]
         self._step_count = swarm["step_count"]
         self._best = swarm["best"]
-        self._gen = self._new_generator(lay.device)
+        self._gen = torch.Generator(device=lay.device)
         self._gen.set_state(swarm["generator"].clone())
         self._spare = None
         self._buffers_stacked = swarm["buffers_stacked"]
         self._initialized = True
 
     # ── the step ────────────────────────────────────────────────────────────────────────────────
-
-    def _lr_vector(self, layout) -> Tensor | float:
-        lrs = [float(g["lr"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
-        if len(set(lrs)) == 1:
-            return lrs[0]
-        return layout.per_element(lrs)
-
-    def _get_evaluator(self, model: nn.Module) -> BatchedEvaluator:
-        if self._evaluator is None or self._evaluator_model != id(model):
-            self._evaluator = BatchedEvaluator(model, self._pop.params, mode=self.param_groups[0]["evaluation"])
-            self._evaluator_model = id(model)
-        return self._evaluator
-
-    @property
-    def evaluation_mode(self) -> str | None:
-        """How the last batched step evaluated the swarm: ``"vmap"`` or ``"loop"`` (None before)."""
-        return self._evaluator.last_mode if self._evaluator is not None else None
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -498,15 +473,7 @@ class QIMAD(Optimizer):
         ``loss_fn(model(*inputs), target)`` must return a scalar; ``inputs`` may be a tensor or a
         tuple of positional inputs. Returns the last measured loss of the agent loaded into the model.
         """
-        if closure is not None and model is not None:
-            raise ValueError("pass either a closure or model=/batch=/loss_fn=, not both")
-        if closure is None:
-            if model is None:
-                raise ValueError("QIMAD.step needs a closure, or model=, batch=(inputs, target) and loss_fn=")
-            if batch is None or loss_fn is None:
-                raise ValueError("QIMAD.step(model=...) also needs batch=(inputs, target) and loss_fn=")
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError("batch must be a pair (inputs, target)")
+        self._step_mode(closure, model, batch, loss_fn)
         if not self._initialized:
             self._init_state()
         g0 = self.param_groups[0]
@@ -541,7 +508,7 @@ class QIMAD(Optimizer):
             if not self._buffers_stacked:
                 pop.stack_buffers(model)
                 self._buffers_stacked = True
-            evaluator = self._get_evaluator(model)
+            evaluator = self._get_evaluator(model, pop.params, g0["evaluation"])
             if rows is not None:
                 bufs = {name: s[rows] for name, s in pop.buffers.items()}  # updated in place
             else:
@@ -741,8 +708,14 @@ class QIMAD(Optimizer):
                 list(new.unbind(0)), g_rows, g_rows, [self._rms[i] for i in movers], [], steps, lr=lr, beta1=0.0,
                 beta2=rho, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
             )  # fmt: skip
-        except (RuntimeError, NotImplementedError, TypeError):
+        except (RuntimeError, NotImplementedError, TypeError) as e:
             self._fused = False
+            warnings.warn(
+                f"QIMAD: torch's fused Adam kernel refused the step ({type(e).__name__}: {first_line(e)}); "
+                "using the unfused RMSProp step from now on (same result, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return False
         for r, noise in jumps:
             new[r].add_(noise)
@@ -762,4 +735,11 @@ class QIMAD(Optimizer):
         self._has_grad[i] = False
 
 
-__all__ = ["QIMAD", "TOPOLOGIES", "COOLINGS", "build_neighbors", "fidelity_matrix", "temperature"]
+__all__ = [
+    "QIMAD",
+    "TOPOLOGIES",
+    "COOLINGS",
+    "build_neighbors",
+    "fidelity_matrix",
+    "temperature",
+]

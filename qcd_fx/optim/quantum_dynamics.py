@@ -7,7 +7,7 @@ potential. A Wick rotation (``t -> -i tau``) turns it into a diffusion equation 
 global minimum) as ``tau`` grows; it is evolved (a) by relaxation at a fixed diffusion scale
 ``sigma`` and (b) by multi-scale annealing (``sigma`` shrinks in steps). Its stationary
 weighting of walkers is the Boltzmann/softmax factor ``exp(-f / T)``. The authors' algorithm
-family is the multi-scale quantum harmonic oscillator algorithm (MQHOA). Two optimizers here:
+family is the multi-scale quantum harmonic oscillator algorithm (MQHOA).
 
 :class:`QuantumDynamics` — gradient-free MQHOA
 ==============================================
@@ -34,69 +34,25 @@ family is the multi-scale quantum harmonic oscillator algorithm (MQHOA). Two opt
    remaining budget), until ``restarts`` or the budget are used up (default ``restarts=None``:
    while budget remains if ``max_evals`` is given, never without it); the best point ever seen is kept.
 
-What differs from MQHOA as published (measured while building it on shifted 10-D instances
-other than the benchmark's; ``benchmarks/results/global_opt.md`` has these defaults and the
-first ones, ``quantum-dynamics-v1``, against CMA-ES):
+What differs from MQHOA as published (why, with the development measurements:
+``docs/quantum_dynamics_notes.md``; benchmark results against CMA-ES:
+``benchmarks/results/global_opt.md`` and the README):
 
 * ``diffusion="ensemble"`` (default): the diffusion is shaped like the centres' own
   distribution — the covariance of the walkers, normalised to unit mean variance and mixed with
-  the identity (``ensemble_mix``) — instead of isotropic. In the harmonic picture the ground
-  state of a quadratic well is a Gaussian whose shape follows the well; the walkers estimate it.
-  It is sampled in ensemble space (``A^T z / sqrt(k - 1)`` with ``A`` the centred ``(k, D)``
-  walker matrix), so no ``D x D`` matrix is ever formed. Isotropic diffusion (the published
-  rule, ``diffusion="isotropic"``) stalls in Rosenbrock's curved valley (10-D, 10 instances:
-  f = 1.9-4.0 after 100 000 evaluations, none below 1e-2; ensemble: all below 1e-2 after a
-  median of ~28 000). Sphere and Ackley: about the same or slightly faster.
+  the identity (``ensemble_mix``) — instead of isotropic. It is sampled in ensemble space
+  (``A^T z / sqrt(k - 1)`` with ``A`` the centred ``(k, D)`` walker matrix), so no ``D x D``
+  matrix is ever formed. Isotropic diffusion (the published rule) stalls in curved valleys.
 * A *stable streak* replaces, one pass after another, the worst centre **not yet replaced by a
-  mean in this streak**. Replacing "the worst" literally can cycle: the mean lands in a
-  high-energy region between basins, becomes the worst, and is replaced by the same mean again.
-  The streak ends when a centre improves or ``sigma`` halves. With each centre diffusing
-  around itself (``mean_field=0``) this does not cure the deeper weakness on Rastrigin-like
-  functions: centres sitting in different basins keep improving now
-  and then, the spread stays above ``sigma``, and a run can spend most of its budget at one scale.
-* *Mean-field diffusion* (``mean_field=1``, ``weighting="boltzmann"``, ``temperature=2``,
-  the defaults): all candidates are drawn around the Boltzmann mean of the
-  walkers — the centre of the ground state that the Boltzmann-weighted walkers estimate —
-  and each replaces its own centre only if lower (greedy, one to one). Drawing around each
-  centre makes every walker a separate local search whose step cannot shrink until a whole
-  pass fails; around the mean the population contracts with the scale, and a warm mean
-  (``T = 2 std(f)``) averages over the basins the walkers sit in, as the ground state of the
-  smoothed potential does. Together with 40 centres, ``stable_fraction=0.025`` and restarts
-  by default, on the benchmark's instances (25 seeds, 6000 D evaluations; old defaults — 20
-  centres, each centre's own diffusion, mean weighting, no restarts — in brackets;
-  IPOP-CMA-ES after the semicolon): Rastrigin-10 5/25 (0/25, 1/25 with 20
-  restarts; 11/25), Ackley-10 25/25 in a median of 14 146 evaluations (21/25 in 14 848; 25/25
-  in 2 467), Ackley-30 25/25 in 29 987 (0/25, 8/25 with restarts; 25/25 in 6 687), Sphere-10
-  6 613 (6 859), Rosenbrock-10 25/25 in 25 512 (25/25 in 26 175), Sphere-30 14 335 (24 682),
-  Rosenbrock-30 1/25 (0/25), Rastrigin-30 0/25, median final f 4.97 (18.9; 7.96). So the gap
-  to IPOP-CMA-ES narrows on Ackley and Rastrigin but is not closed, and CMA-ES stays 4-6x
-  faster (median evaluations) where both succeed. Developed on other shift seeds (5000 + 1000..1100) first: a cold
-  mean (``T = 0.7``) with 20 centres was faster (Sphere-10 ~3 400) but the greedy population fell
-  into Rosenbrock's local minimum (f = 3.99) or shrank ``sigma`` in its valley in ~10 % of
-  instances and solved no Rastrigin-10; ``T = 2`` with 40 centres: Rosenbrock-10 90/90,
-  Rastrigin-10 11/30. A stable pass gets rarer as ``k`` grows, so one halving costs more than
-  ``k`` times as much; ``stable_fraction`` scales the test with ``k`` only partly (40 centres
-  made Sphere-10 ~2x slower than 20 at ``T = 0.7``).
-* *Shrinking populations* (``shrink``, off by default; :data:`MULTIMODAL` =
-  ``num_centres=320, shrink=0.7, min_centres=40``): many walkers find the right basin of a
-  rugged function, few suffice to refine inside it. Measured on Rastrigin-10 (dev shift seeds
-  5000 + 1000..1029, one run without restarts): 160 centres solved 17/20 instances but needed
-  ~107 000 evaluations, ~41 000 of them to reach the basin — every halving waits for a stable
-  pass, and a pass costs ``k`` evaluations. Keeping the lowest 70 % at each halving, down to 40
-  centres (fewer than ~2 D walkers make the ensemble diffusion degenerate: with a floor of 10 or
-  20 centres Rosenbrock-10 failed 30/30), solves Rastrigin-10 in 19/30 dev instances (defaults
-  11/30; shrink 0.5: 5/30, 0.65: 12/30, 0.75: 19/30; 160 start centres: 12/30). On the
-  benchmark's instances (25 seeds, 6000 D evaluations) :data:`MULTIMODAL` solves Rastrigin-10
-  17/25 (IPOP-CMA-ES 11/25) and Rastrigin-30 4/25 (IPOP 0/25), but is 2-4x slower on the
-  unimodal functions (Sphere-10 median 25 207 evaluations, Rosenbrock-10 49 987 — all solved)
-  and solves Ackley-30 only 20/25 (the rest end at f ~ 1.04e-6 when the budget runs out), where
-  the defaults solve 25/25: so it is a documented setting, not the default. Tried before it and
-  dropped: halving also after an unstable pass once the spread is below ``0.7 sigma`` (80
-  centres: Rastrigin-10 8/25, but Rosenbrock-10 collapsed at 0.8), and abandoning a run whose
-  energies all lie above an earlier run's best (no effect: failing runs end on the same level).
-* Restarts are an addition, for a fair comparison with IPOP-CMA-ES; since the mean field they
-  are on by default when the budget is known (with the mean field at ``T = 1`` and 20 centres,
-  Ackley-30 was solved in 0/6 dev instances without restarts, 6/6 with them).
+  mean in this streak** (replacing "the worst" literally can cycle). The streak ends when a
+  centre improves or ``sigma`` halves.
+* *Mean-field diffusion* (``mean_field=1``, ``weighting="boltzmann"``, ``temperature=2``, the
+  defaults): all candidates are drawn around the Boltzmann mean of the walkers, and each
+  replaces its own centre only if lower (greedy, one to one); the population contracts with the
+  scale, and a warm mean averages over the basins the walkers sit in.
+* *Shrinking populations* (``shrink``, off by default; :data:`MULTIMODAL`): many walkers find
+  the right basin of a rugged function, few suffice to refine inside it.
+* Restarts (IPOP-style) are an addition, for a fair comparison with IPOP-CMA-ES.
 
 Evaluation: ``step(closure)`` (the closure returns ``f`` at the current parameters; it is called
 once per candidate with the candidate loaded, under ``torch.enable_grad()`` like ``LBFGS``;
@@ -109,47 +65,34 @@ so that with mini-batches all comparisons are made on the same data (this is how
 :func:`qcd_fx.train.fit` drives it). After each step the parameters hold the best point found
 (model path: the best centre on the current batch) and ``step`` returns its value.
 
-:class:`QuantumLangevin` — the hybrid for neural networks
-==========================================================
-
-Gradient drift plus diffusion at scale ``sigma`` — the Euler–Maruyama step of the Langevin
-equation ``dx = -grad f dt + sigma dW`` with ``dt = lr`` — with momentum, and MQHOA's
-multi-scale annealing of ``sigma``::
-
-    v_i <- momentum * v_i + g_i
-    x_i <- x_i - lr * v_i + sigma * sqrt(lr) * xi_i            (xi_i ~ N(0, I))
-
-for ``walkers`` weight copies ``x_i`` (default 1: plain annealed Langevin; several walkers are
-evaluated together in one ``vmap`` call and their momenta are kept apart). Annealing
-(``anneal``): ``"levels"`` halves ``sigma`` ``levels`` times at evenly spaced steps over
-``total_steps`` (which :func:`qcd_fx.train.fit` sets), ``"plateau"`` halves it when the energy
-level is stable (the best walker's smoothed loss has not improved by ``plateau_tol`` relative
-for ``patience`` steps). Below ``sigma_min`` the diffusion stops (pure momentum descent). With
-``walkers > 1`` every energy-level transition also replaces the worst walker by the mean (or the
-Boltzmann mean) of the walkers, as in MQHOA. The model holds the walker with the lowest smoothed
-loss. Only ``lr`` may differ between parameter groups (``torch.optim.lr_scheduler`` works).
-
-Both optimizers draw every random number from one ``torch.Generator`` seeded with ``seed``
-(created on the parameters' device), so runs are reproducible, and their ``state_dict`` holds
-the whole state including the generator, so a resumed run continues bit for bit.
+Every random number comes from one ``torch.Generator`` seeded with ``seed`` (created on the
+parameters' device), so runs are reproducible, and ``state_dict`` holds the whole state
+including the generator, so a resumed run continues bit for bit. The gradient-based hybrid,
+:class:`~qcd_fx.optim.quantum_langevin.QuantumLangevin`, has its own module.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from .population import EVAL_MODES, BatchedEvaluator, FlatLayout, Population, closure_evaluate, split_state
+from .population import (
+    EVAL_MODES,
+    FlatLayout,
+    PopulationOptimizer,
+    check_choice,
+    check_integer,
+    check_number,
+    closure_evaluate,
+    resolve_seed,
+)
 
 WEIGHTINGS = ("mean", "boltzmann")
 DIFFUSIONS = ("ensemble", "isotropic")
-ANNEALS = ("levels", "plateau")
 
 MULTIMODAL: dict[str, Any] = {"num_centres": 320, "shrink": 0.7, "min_centres": 40}
 """Settings of :class:`QuantumDynamics` for rugged (Rastrigin-like) functions: ``QuantumDynamics(params,
@@ -157,37 +100,9 @@ MULTIMODAL: dict[str, Any] = {"num_centres": 320, "shrink": 0.7, "min_centres": 
 module docstring for what it gains and costs)."""
 
 _QD_VERSION = 1
-_QL_VERSION = 1
 
 
 # ── argument checks ─────────────────────────────────────────────────────────────────────────────
-
-
-def _number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _seed(seed: Any) -> int:
-    if seed is None:
-        return random.SystemRandom().randrange(2**62)
-    return _integer("seed", seed, 0)
 
 
 def _bounds(bounds: Any) -> tuple[float, float] | None:
@@ -197,8 +112,8 @@ def _bounds(bounds: Any) -> tuple[float, float] | None:
         lo, hi = bounds
     except (TypeError, ValueError):
         raise ValueError(f"bounds must be a pair (low, high), got {bounds!r}") from None
-    lo = _number("bounds[0]", lo)
-    hi = _number("bounds[1]", hi)
+    lo = check_number("bounds[0]", lo)
+    hi = check_number("bounds[1]", hi)
     if not lo < hi:
         raise ValueError(f"bounds must satisfy low < high, got ({lo}, {hi})")
     return lo, hi
@@ -249,7 +164,7 @@ def ensemble_noise(centres: Tensor, num: int, mix: float, generator: torch.Gener
 # ── gradient-free MQHOA ─────────────────────────────────────────────────────────────────────────
 
 
-class QuantumDynamics(Optimizer):
+class QuantumDynamics(PopulationOptimizer):
     """Gradient-free multi-scale quantum harmonic oscillator algorithm (MQHOA). See the module docstring.
 
     Args:
@@ -285,7 +200,8 @@ class QuantumDynamics(Optimizer):
     describe the run.
     """
 
-    population_based = True  # qcd_fx.train.fit calls step(model=, batch=, loss_fn=)
+    state_key = "quantum_dynamics"
+    state_version = _QD_VERSION
 
     def __init__(
         self,
@@ -311,30 +227,30 @@ class QuantumDynamics(Optimizer):
         evaluation: str = "auto",
         seed: int | None = None,
     ):
-        _integer("num_centres", num_centres, 1)
+        check_integer("num_centres", num_centres, 1)
         if sigma is not None:
-            _number("sigma", sigma, 0.0, low_open=True)
+            check_number("sigma", sigma, 0.0, low_open=True)
         if sigma_min is not None:
-            _number("sigma_min", sigma_min, 0.0, low_open=True)
+            check_number("sigma_min", sigma_min, 0.0, low_open=True)
         self.bounds = _bounds(bounds)
-        _integer("samples_per_centre", samples_per_centre, 1)
-        _choice("diffusion", diffusion, DIFFUSIONS)
-        _number("ensemble_mix", ensemble_mix, 0.0, 1.0)
-        _choice("weighting", weighting, WEIGHTINGS)
+        check_integer("samples_per_centre", samples_per_centre, 1)
+        check_choice("diffusion", diffusion, DIFFUSIONS)
+        check_number("ensemble_mix", ensemble_mix, 0.0, 1.0)
+        check_choice("weighting", weighting, WEIGHTINGS)
         if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
             raise ValueError(f"temperature must be a positive number (inf allowed), got {temperature!r}")
-        _number("stable_fraction", stable_fraction, 0.0, 1.0, high_open=True)
-        _number("mean_field", mean_field, 0.0, 1.0)
-        _number("f_tol", f_tol, 0.0)
+        check_number("stable_fraction", stable_fraction, 0.0, 1.0, high_open=True)
+        check_number("mean_field", mean_field, 0.0, 1.0)
+        check_number("f_tol", f_tol, 0.0)
         if max_evals is not None:
-            _integer("max_evals", max_evals, 1)
+            check_integer("max_evals", max_evals, 1)
         if restarts is not None:
-            _integer("restarts", restarts, 0)
-        _number("restart_growth", restart_growth, 1.0)
-        _number("shrink", shrink, 0.0, 1.0, low_open=True)
-        _integer("min_centres", min_centres, 2)
-        _choice("evaluation", evaluation, EVAL_MODES)
-        self.seed = _seed(seed)
+            check_integer("restarts", restarts, 0)
+        check_number("restart_growth", restart_growth, 1.0)
+        check_number("shrink", shrink, 0.0, 1.0, low_open=True)
+        check_integer("min_centres", min_centres, 2)
+        check_choice("evaluation", evaluation, EVAL_MODES)
+        self.seed = resolve_seed(seed)
         if sigma is None:
             sigma = (self.bounds[1] - self.bounds[0]) / 2 if self.bounds else 1.0
         if sigma_min is None:
@@ -354,8 +270,6 @@ class QuantumDynamics(Optimizer):
             raise ValueError("QuantumDynamics got no parameters")
         self.layout = FlatLayout(params_list)
         self._initialized = False
-        self._evaluator: BatchedEvaluator | None = None
-        self._evaluator_model: int | None = None
         self.evaluations = 0
         self.restarts_done = 0
         self.passes = 0
@@ -394,7 +308,9 @@ class QuantumDynamics(Optimizer):
         if hasattr(self, "layout"):
             self.layout = FlatLayout(self._params())
 
-    def _params(self) -> list[Tensor]:
+    def _params(
+        self,
+    ) -> list[Tensor]:  # gradient-free: also tensors that do not require grad
         return [p for g in self.param_groups for p in g["params"]]
 
     # ── evaluation ──────────────────────────────────────────────────────────────────────────────
@@ -415,17 +331,13 @@ class QuantumDynamics(Optimizer):
                 raise ValueError(f"loss_fn must map a ({positions.shape[0]}, {self.layout.dim}) matrix to shape ({positions.shape[0]},), got {got}")
             values = out.detach()
         else:
-            ev = self._get_evaluator(self._model)(positions, self._batch[0], self._batch[1], self._loss_fn, grad=False)
+            ev = self._get_evaluator(self._model, self._params(), self.options["evaluation"])(
+                positions, self._batch[0], self._batch[1], self._loss_fn, grad=False
+            )
             values = ev.losses
         values = values.to(device="cpu", dtype=torch.float64)
         self.evaluations += positions.shape[0]
         return torch.where(torch.isnan(values), torch.full_like(values, math.inf), values)
-
-    def _get_evaluator(self, model: nn.Module) -> BatchedEvaluator:
-        if self._evaluator is None or self._evaluator_model != id(model):
-            self._evaluator = BatchedEvaluator(model, self._params(), mode=self.options["evaluation"])
-            self._evaluator_model = id(model)
-        return self._evaluator
 
     def _max_restarts(self) -> float:
         """``restarts``, or with ``restarts=None`` as many as the budget allows (none without ``max_evals``)."""
@@ -477,8 +389,7 @@ class QuantumDynamics(Optimizer):
 
     def _init_state(self) -> None:
         lay = self.layout
-        self._gen = torch.Generator(device=lay.device)
-        self._gen.manual_seed(self.seed)
+        self._gen = self._generator(self.seed, lay.device)
         self._origin = lay.flatten(self._params()).to(lay.dtype)
         self._best_f = math.inf
         self._best_x = self._origin.clone()
@@ -592,25 +503,13 @@ class QuantumDynamics(Optimizer):
     ) -> float:
         """One MQHOA pass. ``step(closure)``, ``step(loss_fn=f)`` (batched over positions) or
         ``step(model=, batch=(inputs, target), loss_fn=)``. Returns the best value so far."""
-        if closure is not None and (loss_fn is not None or model is not None):
-            raise ValueError("pass either a closure, or loss_fn= (with model= and batch= for a model), not both")
-        if closure is not None:
-            if not callable(closure):
-                raise ValueError("closure must be callable")
-            self._mode, self._closure = "closure", closure
-        elif model is not None:
-            if batch is None or loss_fn is None:
-                raise ValueError("QuantumDynamics.step(model=...) also needs batch=(inputs, target) and loss_fn=")
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError("batch must be a pair (inputs, target)")
-            self._mode, self._model, self._batch, self._loss_fn = "model", model, batch, loss_fn
-        elif loss_fn is not None:
-            if batch is not None:
-                raise ValueError("batch= needs model= as well")
-            self._mode, self._loss_fn = "loss_fn", loss_fn
-        else:
-            raise ValueError("QuantumDynamics.step needs a closure, a batched loss_fn=, or model=, batch= and loss_fn=")
-        mode = self._mode
+        mode = self._mode = self._step_mode(closure, model, batch, loss_fn, batched_loss_fn=True)
+        self._closure, self._model, self._batch, self._loss_fn = (
+            closure,
+            model,
+            batch,
+            loss_fn,
+        )
         try:
             if not self._initialized:
                 self._init_state()
@@ -644,10 +543,9 @@ class QuantumDynamics(Optimizer):
 
     # ── state ───────────────────────────────────────────────────────────────────────────────────
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _own_state(self) -> dict[str, Any]:
         run: dict[str, Any] = {
-            "version": _QD_VERSION, "seed": self.seed, "options": dict(self.options), "bounds": self.bounds,
+            "seed": self.seed, "options": dict(self.options), "bounds": self.bounds,
             "initialized": self._initialized, "evaluations": self.evaluations, "restarts_done": self.restarts_done,
             "passes": self.passes, "stable_events": self.stable_events, "done": self.done, "stop_reason": self.stop_reason,
         }  # fmt: skip
@@ -656,27 +554,38 @@ class QuantumDynamics(Optimizer):
                 X=self._X.clone(), F=self._F.clone(), k=self._k, k_run=self._k_run, sigma=self._sigma, replaced=self._replaced.clone(),
                 best_f=self._best_f, best_x=self._best_x.clone(), origin=self._origin.clone(), generator=self._gen.get_state(),
             )  # fmt: skip
-        sd["quantum_dynamics"] = run
-        return sd
+        return run
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict, run = split_state(state_dict, "quantum_dynamics", _QD_VERSION, "QuantumDynamics")
-        super().load_state_dict(state_dict)
-        self.seed, self.options, self.bounds = run["seed"], dict(run["options"]), run["bounds"]
+    def _load_own_state(self, run: dict[str, Any]) -> None:
+        self.seed, self.options, self.bounds = (
+            run["seed"],
+            dict(run["options"]),
+            run["bounds"],
+        )
         self.options.setdefault("mean_field", 0.0)  # saved before the option existed: the published rule
         self.options.setdefault("shrink", 1.0)  # (off)
         self.options.setdefault("min_centres", 40)
-        for key in ("evaluations", "restarts_done", "passes", "stable_events", "done", "stop_reason"):
+        for key in (
+            "evaluations",
+            "restarts_done",
+            "passes",
+            "stable_events",
+            "done",
+            "stop_reason",
+        ):
             setattr(self, key, run[key])
         self._initialized = False
-        self._evaluator = None
         if not run["initialized"]:
             return
         lay = self.layout
         if tuple(run["X"].shape[1:]) != (lay.dim,):
             raise ValueError(f"state dict holds centres of dimension {run['X'].shape[1]}, this optimizer has {lay.dim}")
         cast = dict(device=lay.device, dtype=lay.dtype)
-        self._X, self._best_x, self._origin = run["X"].to(**cast).clone(), run["best_x"].to(**cast).clone(), run["origin"].to(**cast).clone()
+        self._X, self._best_x, self._origin = (
+            run["X"].to(**cast).clone(),
+            run["best_x"].to(**cast).clone(),
+            run["origin"].to(**cast).clone(),
+        )
         self._F, self._replaced = run["F"].cpu().clone(), run["replaced"].cpu().clone()
         self._k, self._sigma, self._best_f = run["k"], run["sigma"], run["best_f"]
         self._k_run = run.get("k_run", run["k"])  # saved before shrink existed: the run never shrank
@@ -722,300 +631,12 @@ def minimize(
     }  # fmt: skip
 
 
-# ── the hybrid: annealed Langevin dynamics ──────────────────────────────────────────────────────
-
-
-class QuantumLangevin(Optimizer):
-    """Gradient drift + diffusion at scale ``sigma`` with multi-scale annealing. See the module docstring.
-
-    Args:
-        params: parameters or groups (only ``lr`` may differ between groups).
-        lr: step size ``dt`` (default 0.05).
-        sigma: initial diffusion scale (default 1e-3; the noise per step is ``sigma * sqrt(lr)``).
-        momentum: heavy-ball momentum of the drift (default 0.9).
-        walkers: number of weight copies (default 1).
-        anneal: ``"levels"`` (default; needs ``total_steps``, which ``fit`` sets) or ``"plateau"``.
-        levels: number of halvings of ``sigma`` over ``total_steps`` (default 4).
-        total_steps: length of the run for ``anneal="levels"``.
-        patience, plateau_tol: the energy-level-stable test of ``anneal="plateau"``.
-        sigma_min: below it the diffusion is switched off (default ``sigma / 2**10``).
-        weighting, temperature: how the worst walker is replaced (``walkers > 1``).
-        loss_ema: smoothing of each walker's loss (default 0.9).
-        weight_decay: decoupled weight decay (default 0).
-        evaluation: ``auto``/``vmap``/``loop`` for the ``model=`` path.
-        seed: seed of the generator.
-
-    ``step(closure)`` (the closure runs forward and backward), ``step(model=, batch=, loss_fn=)``
-    (all walkers in one ``vmap`` call; what :func:`qcd_fx.train.fit` does) or plain ``step()``
-    after ``backward()`` (``walkers=1`` only; the energy level is then unknown, so only
-    ``anneal="levels"`` works). Returns the loss of the walker now in the model (None for
-    ``step()``).
-    """
-
-    population_based = True
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.05,
-        sigma: float = 1e-3,
-        momentum: float = 0.9,
-        walkers: int = 1,
-        *,
-        anneal: str = "levels",
-        levels: int = 4,
-        total_steps: int | None = None,
-        patience: int = 50,
-        plateau_tol: float = 1e-3,
-        sigma_min: float | None = None,
-        weighting: str = "mean",
-        temperature: float = 1.0,
-        loss_ema: float = 0.9,
-        weight_decay: float = 0.0,
-        evaluation: str = "auto",
-        seed: int | None = None,
-    ):
-        _number("lr", lr, 0.0, low_open=True)
-        _number("sigma", sigma, 0.0)
-        _number("momentum", momentum, 0.0, 1.0, high_open=True)
-        _integer("walkers", walkers, 1)
-        _choice("anneal", anneal, ANNEALS)
-        _integer("levels", levels, 0)
-        if total_steps is not None:
-            _integer("total_steps", total_steps, 1)
-        _integer("patience", patience, 1)
-        _number("plateau_tol", plateau_tol, 0.0)
-        if sigma_min is not None:
-            _number("sigma_min", sigma_min, 0.0)
-        _choice("weighting", weighting, WEIGHTINGS)
-        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number (inf allowed), got {temperature!r}")
-        _number("loss_ema", loss_ema, 0.0, 1.0, high_open=True)
-        _number("weight_decay", weight_decay, 0.0)
-        _choice("evaluation", evaluation, EVAL_MODES)
-        self.seed = _seed(seed)
-        self.options = dict(
-            sigma=float(sigma), momentum=float(momentum), walkers=walkers, anneal=anneal, levels=levels, total_steps=total_steps,
-            patience=patience, plateau_tol=float(plateau_tol), sigma_min=float(sigma / 2**10 if sigma_min is None else sigma_min),
-            weighting=weighting, temperature=float(temperature), loss_ema=float(loss_ema), weight_decay=float(weight_decay),
-            evaluation=evaluation,
-        )  # fmt: skip
-        super().__init__(params, {"lr": lr})
-        for g in self.param_groups:
-            _number("lr", float(g["lr"]), 0.0, low_open=True)
-        self._initialized = False
-        self._evaluator: BatchedEvaluator | None = None
-        self._evaluator_model: int | None = None
-        self.transitions = 0  # energy-level transitions (sigma halvings)
-
-    def set_total_steps(self, total_steps: int, only_if_unset: bool = False) -> None:
-        """Length of the run for ``anneal="levels"`` (``fit`` calls this with epochs x batches)."""
-        _integer("total_steps", total_steps, 1)
-        if only_if_unset and self.options["total_steps"] is not None:
-            return
-        self.options["total_steps"] = total_steps
-
-    @property
-    def sigma(self) -> float:
-        """The current diffusion scale (0 once below ``sigma_min``)."""
-        s = self._sigma if self._initialized else self.options["sigma"]
-        return 0.0 if s < self.options["sigma_min"] else s
-
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-
-    def _init_state(self) -> None:
-        params = self._params()
-        n = self.options["walkers"]
-        self._pop = Population(params, n)
-        lay = self._pop.layout
-        self._gen = torch.Generator(device=lay.device)
-        self._gen.manual_seed(self.seed)
-        self._pop.init_from_params(0.0)
-        self._velocity = torch.zeros_like(self._pop.positions)
-        self._ema = torch.full((n,), math.nan, dtype=torch.float64)
-        self._sigma = self.options["sigma"]
-        self._level = 0
-        self._best_ema = math.inf
-        self._since_best = 0
-        self._steps = 0
-        self._best = 0
-        self._buffers_stacked = False
-        self._initialized = True
-
-    def _lr_vector(self) -> Tensor | float:
-        lrs = [float(g["lr"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
-        if len(set(lrs)) == 1:
-            return lrs[0]
-        return self._pop.layout.per_element(lrs)
-
-    def _get_evaluator(self, model: nn.Module) -> BatchedEvaluator:
-        if self._evaluator is None or self._evaluator_model != id(model):
-            self._evaluator = BatchedEvaluator(model, self._pop.params, mode=self.options["evaluation"])
-            self._evaluator_model = id(model)
-        return self._evaluator
-
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self,
-        closure: Callable[[], Any] | None = None,
-        *,
-        model: nn.Module | None = None,
-        batch: tuple[Any, Any] | None = None,
-        loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    ) -> float | None:
-        if closure is not None and model is not None:
-            raise ValueError("pass either a closure or model=/batch=/loss_fn=, not both")
-        if model is not None and (batch is None or loss_fn is None):
-            raise ValueError("QuantumLangevin.step(model=...) also needs batch=(inputs, target) and loss_fn=")
-        if model is not None and (not isinstance(batch, (tuple, list)) or len(batch) != 2):
-            raise ValueError("batch must be a pair (inputs, target)")
-        if not self._initialized:
-            self._init_state()
-        o, pop = self.options, self._pop
-        lay = pop.layout
-        n = o["walkers"]
-        if closure is None and model is None:
-            if n != 1:
-                raise ValueError("plain step() (after backward) supports walkers=1 only; use step(closure) or step(model=, batch=, loss_fn=)")
-            if o["anneal"] == "plateau":
-                raise ValueError('anneal="plateau" needs the loss: use step(closure) or step(model=, batch=, loss_fn=)')
-            pop.positions[0].copy_(lay.flatten(pop.params))
-            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in pop.params]).unsqueeze(0).to(lay.dtype)
-            losses = None
-        elif closure is not None:
-            ev = closure_evaluate(lay, pop.params, pop.positions, closure)
-            losses, grads = ev.losses.to(torch.float64), ev.grads
-        else:
-            if not self._buffers_stacked:
-                pop.stack_buffers(model)
-                self._buffers_stacked = True
-            ev = self._get_evaluator(model)(pop.positions, batch[0], batch[1], loss_fn, buffers=pop.buffers or None)
-            losses, grads = ev.losses.to(device="cpu", dtype=torch.float64), ev.grads
-        if losses is not None and not bool(torch.isfinite(losses).all()):
-            bad = [i for i, v in enumerate(losses.tolist()) if not math.isfinite(v)]
-            raise FloatingPointError(f"QuantumLangevin: non-finite loss for walker(s) {bad}; lower lr or sigma")
-        self._steps += 1
-
-        # drift (momentum) + diffusion, all walkers at once
-        lr = self._lr_vector()
-        v = self._velocity
-        v.mul_(o["momentum"]).add_(grads)
-        if o["weight_decay"]:
-            v.add_(pop.positions, alpha=o["weight_decay"])
-        if isinstance(lr, float):
-            pop.positions.add_(v, alpha=-lr)
-        else:
-            pop.positions.addcmul_(v, lr.unsqueeze(0).expand_as(v), value=-1.0)
-        noise = torch.randn(pop.positions.shape, generator=self._gen, device=lay.device, dtype=lay.dtype)
-        s = self.sigma
-        if s > 0:
-            scale = math.sqrt(lr) * s if isinstance(lr, float) else lr.sqrt().mul(s).unsqueeze(0)
-            if isinstance(scale, float):
-                pop.positions.add_(noise, alpha=scale)
-            else:
-                pop.positions.addcmul_(noise, scale.expand_as(noise))
-
-        # energies, best walker, annealing
-        result = None
-        if losses is not None:
-            b = o["loss_ema"]
-            fresh = torch.isnan(self._ema)
-            self._ema = torch.where(fresh, losses, b * self._ema + (1 - b) * losses)
-            self._best = int(torch.argmin(self._ema))
-            result = float(losses[self._best])
-        transition = False
-        if o["anneal"] == "levels":
-            total = o["total_steps"]
-            if total is None:
-                raise ValueError('anneal="levels" needs total_steps= (qcd_fx.train.fit sets it), or use anneal="plateau"')
-            level = min(o["levels"], self._steps * (o["levels"] + 1) // total) if o["levels"] else 0
-            if level > self._level:
-                transition = True
-                self._level = level
-                self._sigma = o["sigma"] / 2**level
-        else:
-            best_ema = float(self._ema[self._best])
-            if best_ema < self._best_ema * (1 - o["plateau_tol"]) or not math.isfinite(self._best_ema):
-                self._best_ema = best_ema
-                self._since_best = 0
-            else:
-                self._since_best += 1
-                if self._since_best >= o["patience"]:
-                    transition = True
-                    self._sigma /= 2
-                    self._since_best = 0
-                    self._best_ema = best_ema
-        if transition:
-            self.transitions += 1
-            if n > 1 and losses is not None:
-                ema = self._ema
-                if o["weighting"] == "boltzmann":
-                    w = boltzmann_weights(ema, o["temperature"]).to(device=lay.device, dtype=lay.dtype)
-                else:
-                    w = torch.full((n,), 1.0 / n, device=lay.device, dtype=lay.dtype)
-                mean = (w.unsqueeze(1) * pop.positions).sum(0)
-                worst = int(torch.argmax(ema))
-                if worst != self._best:
-                    pop.positions[worst] = mean
-                    self._velocity[worst] = 0
-                    for stack in pop.buffers.values():
-                        stack[worst] = stack[self._best].clone()
-                    self._ema[worst] = math.nan
-        pop.load_agent(self._best, model if self._buffers_stacked and model is not None else None)
-        return result
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        run: dict[str, Any] = {"version": _QL_VERSION, "seed": self.seed, "options": dict(self.options),
-                               "initialized": self._initialized, "transitions": self.transitions}  # fmt: skip
-        if self._initialized:
-            run.update(
-                positions=self._pop.positions.clone(), velocity=self._velocity.clone(), ema=self._ema.clone(), sigma=self._sigma,
-                level=self._level, best_ema=self._best_ema, since_best=self._since_best, steps=self._steps, best=self._best,
-                buffers={k: v.clone() for k, v in self._pop.buffers.items()}, buffers_stacked=self._buffers_stacked,
-                generator=self._gen.get_state(),
-            )  # fmt: skip
-        sd["quantum_langevin"] = run
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "quantum_langevin" not in state_dict:
-            raise ValueError("not a QuantumLangevin state dict (no 'quantum_langevin' entry)")
-        state_dict = dict(state_dict)
-        run = state_dict.pop("quantum_langevin")
-        if run.get("version") != _QL_VERSION:
-            raise ValueError(f"unsupported QuantumLangevin state version {run.get('version')!r}")
-        super().load_state_dict(state_dict)
-        self.seed, self.options, self.transitions = run["seed"], dict(run["options"]), run["transitions"]
-        self._initialized = False
-        self._evaluator = None
-        if not run["initialized"]:
-            return
-        self._pop = Population(self._params(), self.options["walkers"])
-        lay = self._pop.layout
-        if tuple(run["positions"].shape) != tuple(self._pop.positions.shape):
-            raise ValueError(f"state dict holds walkers of shape {tuple(run['positions'].shape)}, this optimizer needs {tuple(self._pop.positions.shape)}")
-        cast = dict(device=lay.device, dtype=lay.dtype)
-        self._pop.positions = run["positions"].to(**cast).clone()
-        self._velocity = run["velocity"].to(**cast).clone()
-        self._pop.buffers = {k: v.to(lay.device).clone() for k, v in run["buffers"].items()}
-        self._ema = run["ema"].cpu().clone()
-        for key in ("sigma", "level", "best_ema", "since_best", "steps", "best", "buffers_stacked"):
-            setattr(self, "_" + key, run[key])
-        self._gen = torch.Generator(device=lay.device)
-        self._gen.set_state(run["generator"].clone())
-        self._initialized = True
-
-
 __all__ = [
     "QuantumDynamics",
     "MULTIMODAL",
-    "QuantumLangevin",
     "minimize",
     "boltzmann_weights",
     "ensemble_noise",
     "WEIGHTINGS",
     "DIFFUSIONS",
-    "ANNEALS",
 ]
