@@ -6,9 +6,11 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -68,6 +70,21 @@ def measure_sparsity(module: nn.Module, example_inputs: tuple) -> dict[str, floa
     return dict(found)
 
 
+def interleaved_latency(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn (a, b, a, b, …) so that
+    load from other processes affects all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def median_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
@@ -91,3 +108,8 @@ def eval_no_grad(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) output, in pytree order."""
+    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]

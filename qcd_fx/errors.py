@@ -3,11 +3,13 @@ names the input and, where there is one, the fix; the CLI prints it and exits no
 
 from __future__ import annotations
 
+import re
 
-def first_line(e: BaseException) -> str:
+
+def first_line(e: BaseException | str) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # terminal colour codes (torch.export's messages)
+    return text.splitlines()[0].strip() if text else (type(e).__name__ if isinstance(e, BaseException) else "")
 
 
 class QcdFxError(Exception):

@@ -9,14 +9,14 @@ file).
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UsageError
 from .app import app, friendly, out, progress
 from .common import example_inputs, parse_shape, resolve_model
 from .options import AllowOpt, DebugOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt
-from ..errors import InputShapeError, ModelLoadError, UsageError, first_line
 
 LeafOpt = Annotated[list[str], typer.Option("--leaf", help="keep this module (path, glob or class name) opaque when tracing")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing output files")]
@@ -105,54 +105,6 @@ def export_command(
         out.print(f"report written to {report}", highlight=False, markup=False, soft_wrap=True)
 
 
-_NUMPY_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(bool)": "bool",
-}
-
-
-def _run_inputs(session, shapes: list[str], default: Any, path: str) -> list:
-    """Inputs for every ONNX input: floats ~ N(0, 1) (same generator as `transform`), integers
-    and booleans zero (valid indices and masks)."""
-    import torch
-
-    metas = session.get_inputs()
-    if shapes:
-        if len(shapes) != len(metas):
-            names = ", ".join(m.name for m in metas)
-            raise UsageError(f"{path!r} takes {len(metas)} input(s) ({names}); got {len(shapes)} --input-shape")
-        parsed = [parse_shape(s) for s in shapes]
-    elif default and len(default) == len(metas):
-        parsed = [tuple(s) for s in default]
-    else:
-        parsed = []
-        for m in metas:
-            dims = list(m.shape)
-            free = [str(d) for d in dims[1:] if not isinstance(d, int)]
-            if free:
-                raise UsageError(f"--input-shape is required: input '{m.name}' of {path!r} has symbolic axes {free}")
-            parsed.append(tuple([1 if not isinstance(dims[0], int) else dims[0]] + dims[1:]) if dims else ())
-    gen = torch.Generator().manual_seed(0)
-    tensors = []
-    for m, shape in zip(metas, parsed):
-        expected = list(m.shape)
-        if len(expected) != len(shape) or any(isinstance(e, int) and e != s for e, s in zip(expected, shape)):
-            want = "x".join(str(e) if isinstance(e, int) else str(e) for e in expected)
-            raise InputShapeError(f"input '{m.name}' of {path!r} has shape {want}; got {'x'.join(map(str, shape))}")
-        dtype = _NUMPY_TYPES.get(m.type)
-        if dtype is None:
-            raise UsageError(f"input '{m.name}' of {path!r} has type {m.type}, which `qcd-fx run` cannot generate")
-        if dtype.startswith("float"):
-            tensors.append(torch.randn(shape, generator=gen).to(getattr(torch, dtype)))
-        else:
-            tensors.append(torch.zeros(shape, dtype=getattr(torch, dtype)))
-    return tensors
-
-
 @app.command("run")
 @friendly
 def run_command(
@@ -169,58 +121,20 @@ def run_command(
     debug: DebugOpt = False,
 ) -> None:
     """Run an ONNX file in onnxruntime and print its median latency (next to PyTorch eager with --model)."""
-    import torch
-
-    from ..export import compare_outputs, interleaved_latency, onnxruntime_session, output_names
+    from ..export.run import run_onnx
 
     if not onnx_file:
         raise UsageError("missing ONNX file (qcd-fx run OUT.onnx)")
-    if repeats < 1 or warmup < 0 or threads < 1:
-        raise UsageError("--repeats and --threads must be >= 1, --warmup >= 0")
-    if not os.path.exists(onnx_file):
-        raise ModelLoadError(f"ONNX file {onnx_file!r} does not exist")
-    if os.path.isdir(onnx_file):
-        raise ModelLoadError(f"{onnx_file!r} is a directory, not an ONNX file")
-    try:
-        session = onnxruntime_session(onnx_file, threads=threads)
-    except Exception as e:
-        raise ModelLoadError(f"onnxruntime cannot load {onnx_file!r}: {first_line(e)}") from None
     gm = default_shape = None
+    name = "the model"
     if model:
         module, name, default_shape, _ = resolve_model(model, False, weights, trust_pickle, allow)
         gm = _graph_module(module, leaf).eval()
-    inputs = _run_inputs(session, input_shape, default_shape, onnx_file)
-    feed = {m.name: t.numpy() for m, t in zip(session.get_inputs(), inputs)}
-    try:
-        got = session.run(None, feed)
-    except Exception as e:
-        raise InputShapeError(f"onnxruntime fails to run {onnx_file!r} on inputs {', '.join('x'.join(map(str, t.shape)) for t in inputs)}: {first_line(e)}") from None
-
-    fns = {"onnxruntime": lambda: session.run(None, feed)}
-    parity = None
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        if gm is not None:
-            with torch.no_grad():
-                try:
-                    expected = gm(*inputs)
-                except Exception as e:
-                    raise InputShapeError(f"{model} fails on the inputs {', '.join('x'.join(map(str, t.shape)) for t in inputs)}: {first_line(e)}") from None
-                leaves = [t for t in torch.utils._pytree.tree_flatten(expected)[0] if isinstance(t, torch.Tensor)]
-                if len(leaves) != len(got):
-                    raise UsageError(f"{model} returns {len(leaves)} tensors but {onnx_file!r} {len(got)}; is it the model the file was exported from?")
-                parity = compare_outputs(got, leaves, output_names(expected), 1e-4, 1e-5, None)
-
-                def eager():
-                    with torch.no_grad():
-                        gm(*inputs)
-
-                fns["pytorch"] = eager
-        latency = interleaved_latency(fns, repeats=repeats, warmup=warmup)
-    finally:
-        torch.set_num_threads(previous_threads)
-
+    result = run_onnx(
+        onnx_file, [parse_shape(s) for s in input_shape], module=gm, module_name=name, default_shapes=default_shape,
+        repeats=repeats, warmup=warmup, threads=threads,
+    )  # fmt: skip
+    inputs, latency, parity = result.inputs, result.latency, result.parity
     shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
     plural = "thread" if threads == 1 else "threads"
     out.print(f"{onnx_file}: inputs {shapes}; median of {repeats} runs, {threads} {plural}", highlight=False, markup=False, soft_wrap=True)

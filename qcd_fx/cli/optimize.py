@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UsageError
 from .app import app, friendly, out
 from .options import DebugOpt
-from ..errors import UsageError
 
 
 @app.command("optimize")

@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import TrainingError, UsageError
 from .app import app, friendly, out, progress
 from .common import resolve_model
 from .options import AllowOpt, DebugOpt, ModelArg, TrustOpt, WeightsOpt
-from ..errors import TrainingError, UsageError
 
 
 def _digits_layout(module) -> tuple:

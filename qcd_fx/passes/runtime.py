@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
+
+from ..analysis import tensor_leaves  # noqa: F401 - the passes' import point
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,3 @@ class Runner(Interpreter):
         if self.values is not None and (self.keep is None or n.name in self.keep):
             self.values[n.name] = result
         return result
-
-
-
-
-def tensor_leaves(out: Any) -> list[torch.Tensor]:
-    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]

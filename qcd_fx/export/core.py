@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Any
+
+from torch import nn
+
+from ..analysis import eval_no_grad, tensor_leaves
+from ..errors import ExportError, UsageError, first_line
+from ..io import atomic_path
+from .diagnose import _chain, _is_batch_constraint, _ort_failure, _ts_reason, describe_failure
+from .exporters import _capture_inputs, _dynamo_export, _quiet_loggers, _torchscript_export
+from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
+from .signature import _as_inputs, _second_batch, input_names, output_names
+from .verify import _feed, compare_outputs, onnxruntime_session
+from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer
+
+
+def _timed(timings: dict[str, float], key: str):
+    @contextlib.contextmanager
+    def block():
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+    return block()
+
+
+def export_onnx(
+    gm: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike | None,
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    check: bool = True,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    check_batch: int | None = None,
+    fallback: bool = True,
+) -> ExportReport:
+    """Export ``gm`` to ONNX at ``path`` for inference and (``check``) verify it.
+
+    Args:
+        gm: a ``GraphModule`` (any ``nn.Module`` works); exported in eval mode, not modified.
+        example_inputs: a tensor or tuple of tensors (positional inputs of ``forward``).
+        path: the ``.onnx`` file to write (atomically); ``None`` exports and verifies without
+            writing (a dry run). Weights beyond ~1.8 GB go to ``path + ".data"``.
+        dynamic_batch: make axis 0 of every input whose axis 0 equals the first input's a
+            symbolic ``batch`` axis.
+        opset: ONNX opset (default: the exporter's, 20 for torch 2.14's dynamo exporter).
+        check: run ``onnx.checker`` and compare onnxruntime with PyTorch on the example inputs
+            and on a second batch size (``check_batch``, default batch + 1); a mismatch beyond
+            ``atol`` absolute *and* ``rtol`` relative to the output's magnitude raises.
+        fallback: if the dynamo exporter fails, try the TorchScript exporter.
+
+    Returns:
+        An :class:`ExportReport`. ``timings`` holds seconds per step: ``reference`` (eager
+        forwards), ``export``, ``serialize``, ``write``, ``checker``, ``session`` (onnxruntime
+        session creation), ``onnxruntime`` (runs) and ``compare``.
+
+    Raises:
+        ExportError: one line naming the unsupported operator and the node, or the mismatch.
+    """
+    import onnx
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    inputs = _as_inputs(example_inputs)
+    if opset is not None and not (7 <= int(opset) <= onnx.defs.onnx_opset_version()):
+        raise UsageError(f"opset {opset} is outside what this onnx supports (7..{onnx.defs.onnx_opset_version()})")
+    if check_batch is not None and check_batch < 1:
+        raise UsageError(f"check_batch must be >= 1, got {check_batch}")
+    model_name = type(gm).__name__
+
+    with eval_no_grad(gm):
+        with _timed(timings, "reference"):
+            try:
+                reference = gm(*inputs)
+            except Exception as e:
+                raise ExportError(f"{model_name} fails on the example inputs before export: {describe_failure(e, gm)}") from e
+        ref_leaves = tensor_leaves(reference)
+        if not ref_leaves:
+            raise ExportError(f"{model_name} returns no tensors; there is nothing to export")
+        names_in = input_names(gm, len(inputs))
+        names_out = output_names(reference)
+
+        exporter, fallback_reason = "dynamo", None
+        program = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _timed(timings, "export"):
+                try:
+                    with _quiet_loggers():
+                        program = _dynamo_export(gm, _capture_inputs(inputs, dynamic_batch), names_in, names_out, dynamic_batch, opset, timings)
+                except ExportError:  # qcd-fx's own refusal (an unsupported onnxscript): no fallback
+                    raise
+                except Exception as e:
+                    dynamo_error = e
+                    reason = describe_failure(e, gm)
+                    if _is_batch_constraint(e) and dynamic_batch:
+                        raise ExportError(
+                            f"the batch axis of {model_name}'s inputs cannot be dynamic ({first_line(_chain(e)[-1])}); export with a static batch (dynamic_batch=False, --static-batch)"
+                        ) from e
+                    if not fallback:
+                        raise ExportError(f"ONNX export of {model_name} failed: {reason}") from e
+                    exporter, fallback_reason = "torchscript", reason
+        warning_lines = sorted({first_line(str(w.message)) for w in caught})
+
+        # Serialize once: the bytes feed the file, the checker and onnxruntime.
+        external = False
+        tmp_dir = None
+        try:
+            if program is not None:
+                with _timed(timings, "serialize"):
+                    weight_bytes = _initializer_bytes(program)
+                    external = weight_bytes > _PROTO_LIMIT
+                    proto = None if external else program.model_proto
+                    data = None if external else proto.SerializeToString()
+            else:
+                tmp_dir = tempfile.mkdtemp(prefix=".qcd_fx_onnx.", dir=_directory(path))
+                ts_path = os.path.join(tmp_dir, "model.onnx")
+                with warnings.catch_warnings(record=True) as caught2, _timed(timings, "export"):
+                    warnings.simplefilter("always")
+                    try:
+                        with _quiet_loggers():
+                            _torchscript_export(gm, inputs, names_in, names_out, dynamic_batch, opset, ts_path)
+                    except Exception as e:
+                        ts_reason = _ts_reason(e)
+                        raise ExportError(
+                            f"ONNX export of {model_name} failed: {fallback_reason}; the TorchScript exporter fails too ({ts_reason})"
+                        ) from dynamo_error
+                warning_lines += sorted({first_line(str(w.message)) for w in caught2} - set(warning_lines))
+                with _timed(timings, "serialize"):
+                    if os.path.getsize(ts_path) > _PROTO_LIMIT or os.listdir(tmp_dir) != ["model.onnx"]:
+                        raise ExportError(
+                            f"the TorchScript exporter wrote {model_name} with external weights, which qcd-fx does not verify; reduce the model or fix the dynamo export ({fallback_reason})"
+                        )
+                    with open(ts_path, "rb") as f:
+                        data = f.read()
+                    proto = onnx.load_model_from_string(data)
+
+            report = _write_and_check(
+                program,
+                proto,
+                data,
+                external,
+                path,
+                gm,
+                inputs,
+                reference,
+                names_in,
+                names_out,
+                dynamic_batch,
+                check,
+                check_batch,
+                atol,
+                rtol,
+                timings,
+                exporter,
+            )
+        finally:
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    report.fallback_reason = fallback_reason
+    report.warnings = warning_lines
+    report.total_seconds = time.perf_counter() - t_start
+    return report
+
+
+def _write_and_check(
+    program, proto, data, external, path, gm, inputs, reference, names_in, names_out, dynamic_batch, check, check_batch, atol, rtol, timings, exporter
+) -> ExportReport:
+    import onnx
+
+    with contextlib.ExitStack() as stack:
+        # 1. write (to a temporary name beside the target; renamed only after the checks pass)
+        target_for_checks: bytes | str
+        if path is None and not external:
+            file_bytes = len(data)
+            target_for_checks = data
+        elif not external:
+            tmp = stack.enter_context(atomic_path(path))
+            # write in a thread while the checks below run on the bytes in memory (file writes
+            # release the GIL); joined before the rename, or before the removal on failure
+            writer = _Writer(tmp, data, timings)
+            stack.callback(writer.join)
+            file_bytes = len(data)
+            target_for_checks = data
+        else:
+            onnx_tmp = stack.enter_context(_atomic_with_data(path) if path is not None else _scratch_with_data())
+            with _timed(timings, "write"):
+                program.save(onnx_tmp, external_data=True)
+            file_bytes = sum(os.path.getsize(p) for p in (onnx_tmp, onnx_tmp + ".data") if os.path.exists(p))
+            target_for_checks = onnx_tmp
+
+        # 2. structure of the file
+        if proto is None:  # external weights: the graph without them
+            with _timed(timings, "serialize"):
+                proto = onnx.load(target_for_checks, load_external_data=False)
+        graph = proto.graph
+        initializer_names = {i.name for i in graph.initializer}
+        if data is not None:  # the weights live on in `data`; no second copy while onnxruntime loads them
+            graph.ClearField("initializer")
+        op_types: dict[str, int] = {}
+        domains = set()
+        for node in list(graph.node) + [n for fn in proto.functions for n in fn.node]:
+            op_types[node.op_type] = op_types.get(node.op_type, 0) + 1
+            domains.add(node.domain if node.domain != "ai.onnx" else "")
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        onnx_inputs = [i for i in graph.input if i.name not in initializer_names]
+        shapes = [[d.dim_param if d.HasField("dim_param") else d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx_inputs]
+        dynamic = [bool(s) and isinstance(s[0], str) for s in shapes]
+        report = ExportReport(
+            path=None if path is None else os.fspath(path),
+            exporter=exporter,
+            opset=opset,
+            nodes=len(graph.node) + sum(len(fn.node) for fn in proto.functions),
+            op_types=dict(sorted(op_types.items())),
+            domains=sorted(domains),
+            file_bytes=file_bytes,
+            external_data=external,
+            export_seconds=timings.get("export", 0.0),
+            total_seconds=0.0,
+            input_names=[i.name for i in onnx_inputs],
+            output_names=[o.name for o in graph.output],
+            input_shapes=shapes,
+            dynamic_batch=any(dynamic),
+            checked=check,
+            timings=timings,
+            atol=atol,
+            rtol=rtol,
+        )
+        if len(onnx_inputs) != len(inputs):
+            raise ExportError(
+                f"the ONNX model takes {len(onnx_inputs)} inputs, {type(gm).__name__} {len(inputs)}; non-tensor or unused inputs cannot be exported"
+            )
+        if dynamic_batch and not any(dynamic):
+            raise ExportError(
+                f"the exporter made the batch axis of {type(gm).__name__} static; export with a static batch (dynamic_batch=False, --static-batch)"
+            )
+
+        # 3. checks
+        if check:
+            with _timed(timings, "checker"):
+                try:
+                    onnx.checker.check_model(target_for_checks, full_check=True)
+                except Exception as e:
+                    raise ExportError(f"onnx.checker rejects the exported {type(gm).__name__}: {first_line(e)}") from e
+            report.checker_ok = True
+            with _timed(timings, "session"):
+                try:
+                    session = onnxruntime_session(target_for_checks)
+                except Exception as e:
+                    raise ExportError(f"onnxruntime cannot load the exported {type(gm).__name__}: {_ort_failure(e, proto, gm)}") from e
+            batches = [(inputs, tensor_leaves(reference))]
+            batch = inputs[0].shape[0] if inputs[0].dim() >= 1 else None
+            if any(dynamic) and batch is not None:
+                b2 = check_batch or batch + 1
+                if b2 != batch:
+                    second = _second_batch(inputs, dynamic, b2)
+                    with _timed(timings, "reference"):
+                        batches.append((second, tensor_leaves(gm(*second))))
+            for batch_inputs, expected in batches:
+                with _timed(timings, "onnxruntime"):
+                    try:
+                        got = session.run(None, _feed(session, batch_inputs))
+                    except Exception as e:
+                        raise ExportError(f"onnxruntime fails to run the exported {type(gm).__name__}: {_ort_failure(e, proto, gm)}") from e
+                with _timed(timings, "compare"):
+                    b = batch_inputs[0].shape[0] if batch_inputs[0].dim() >= 1 else None
+                    parity = compare_outputs(got, expected, report.output_names, atol, rtol, b)
+                report.parity.append(parity)
+                if not parity.ok:
+                    raise ExportError(
+                        f"onnxruntime output '{parity.worst_output}' differs from PyTorch by {parity.max_abs:.3g} "
+                        f"(relative {parity.max_rel:.3g}; tolerance {atol:g} absolute or {rtol:g} relative) at batch {b}; the file was not written"
+                    )
+            del session
+    return report

@@ -1,0 +1,57 @@
+"""Checking an exported file against PyTorch with onnxruntime."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ExportError
+from .report import BatchParity
+
+
+def onnxruntime_session(model: bytes | str, threads: int | None = None):
+    """An onnxruntime CPU session for a serialized model or a path (``threads``: intra-op threads)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(session, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    return {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+
+
+def compare_outputs(
+    ort_outputs: Sequence[Any], torch_outputs: Sequence[torch.Tensor], names: Sequence[str], atol: float, rtol: float, batch: int | None
+) -> BatchParity:
+    """Max abs / rel difference of onnxruntime outputs from PyTorch's; ``ok`` per the tolerances."""
+    if len(ort_outputs) != len(torch_outputs):
+        raise ExportError(f"the ONNX model returns {len(ort_outputs)} outputs, PyTorch {len(torch_outputs)}")
+    worst_abs, worst_rel, worst_name, ok = 0.0, 0.0, names[0] if names else "output", True
+    for name, o, r in zip(names, ort_outputs, torch_outputs):
+        o = torch.from_numpy(o) if not isinstance(o, torch.Tensor) else o
+        if tuple(o.shape) != tuple(r.shape):
+            raise ExportError(f"onnxruntime output '{name}' has shape {tuple(o.shape)}, PyTorch {tuple(r.shape)} (batch {batch})")
+        if not r.is_floating_point():
+            diff = 0.0 if torch.equal(o.to(r.dtype), r) else float("inf")
+            scale = 1.0
+        else:
+            od, rd = o.double(), r.double()
+            both_nan = torch.isnan(od) & torch.isnan(rd)
+            same_inf = torch.isinf(od) & (od == rd)
+            d = (od - rd).abs().masked_fill(both_nan | same_inf, 0.0)
+            diff = float(torch.nan_to_num(d, nan=float("inf")).max()) if d.numel() else 0.0
+            finite = rd[torch.isfinite(rd)]
+            scale = float(finite.abs().max()) if finite.numel() else 0.0
+        rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+        ok = ok and (diff <= atol or rel <= rtol)
+        if diff > worst_abs:
+            worst_abs, worst_name = diff, name
+        worst_rel = max(worst_rel, rel)
+    return BatchParity(batch, worst_abs, worst_rel, worst_name, ok)
