@@ -44,7 +44,8 @@ rate held constant.
 Writes ``benchmarks/results/global_opt.json``, ``.md`` and ``.png``. Single-threaded.
 
     python benchmarks/global_opt.py            # full run (see the .md for its duration)
-    python benchmarks/global_opt.py --quick    # 10-D only, 5 seeds, 20 000 evaluations; digits: 1 seed, 5 epochs
+    python benchmarks/global_opt.py --quick    # 10-D only, 5 seeds, 20 000 evaluations; digits: 2 seeds, 5 epochs
+    python benchmarks/global_opt.py --smoke --out /tmp/go   # 10-D, 1 seed, 200 evaluations; digits 1 seed, 1 epoch (tests)
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def digits_run(schedule: str, lr: float, epochs: int, seed: int, split, *, horiz
     from qcd_fx.data import tensor_loader
     from qcd_fx.examples import digits_mlp
     from qcd_fx.optim.qdt import QDTSchedule
-    from qcd_fx.optim.quantum_dynamics import QuantumLangevin
+    from qcd_fx.optim.quantum_langevin import QuantumLangevin
     from qcd_fx.train import evaluate
 
     torch.manual_seed(seed)
@@ -279,9 +280,9 @@ def markdown(results: dict) -> str:
     lines = [f"# Global optimisation and the QDT schedule ({results['meta']['mode']} run)", ""]
     meta = results["meta"]
     lines += [
-        f"Measured by `benchmarks/global_opt.py` on {meta['machine']}, torch {meta['torch']}, cma {meta.get('cma')}, "
-        f"single-threaded; wall time {meta.get('wall_seconds', 0) / 60:.0f} min. Shifted optimum, same box and budget "
-        "for every method; target f <= 1e-6 (Rosenbrock 1e-2). ERT = evaluations of all runs / successes.",
+        (f"Measured by `benchmarks/global_opt.py` on {meta['machine']}, torch {meta['torch']}, cma {meta.get('cma')}, "
+         f"single-threaded; wall time {meta.get('wall_seconds', 0) / 60:.0f} min. Shifted optimum, same box and budget "
+         "for every method; target f <= 1e-6 (Rosenbrock 1e-2). ERT = evaluations of all runs / successes."),
         "",
     ]
     if meta.get("merged_runs"):
@@ -301,7 +302,7 @@ def markdown(results: dict) -> str:
         lines += [
             f"## Digits: learning-rate schedules at an equal budget ({d['epochs']} epochs, {d['model']}, {d['optimizer']})",
             "",
-            "Learning rate (and QDT's horizon T) chosen on a validation split; test accuracy over seeds.",
+            "Learning rate (and QDT's horizon T) chosen on a validation split; test accuracy: mean ± sample SD over seeds.",
             "",
             "| schedule / optimizer | lr | QDT T | test accuracy | test loss | train loss | s per run |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -356,7 +357,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="10-D only, 5 seeds, 2000 D evaluations; digits 1 seed, 5 epochs")
+    p.add_argument("--quick", action="store_true", help="10-D only, 5 seeds, 2000 D evaluations; digits 2 seeds, 5 epochs")
+    p.add_argument("--smoke", action="store_true", help="10-D only, 1 seed, 20 D evaluations; digits 1 seed, 1 epoch: checks that the script runs")
     p.add_argument("--functions", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--dims", nargs="+", type=int, default=[10, 30])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -372,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.dims, args.seeds, args.evals_per_dim, args.digits_seeds, args.digits_epochs = [10], 5, 2000, 2, 5
+    if args.smoke:
+        args.dims, args.seeds, args.evals_per_dim, args.digits_seeds, args.digits_epochs = [10], 1, 20, 1, 1
     torch.set_num_threads(1)
     try:
         import cma
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {
         "meta": {
-            "mode": "quick" if args.quick else "full", "torch": torch.__version__, "cma": cma_version, "python": platform.python_version(),
+            "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "torch": torch.__version__, "cma": cma_version, "python": platform.python_version(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "evals_per_dim": args.evals_per_dim,
             "targets": TARGETS, "argv": sys.argv[1:],
         },

@@ -13,6 +13,7 @@ table of allowed functions (paid by the first load in a process). Single-threade
 ``benchmarks/results/load_time.json``.
 
     python benchmarks/load_time.py
+    python benchmarks/load_time.py --smoke --out /tmp/lt.json   # squeezenet1_1, one repeat (tests)
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,vit_b_16")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true", help="squeezenet1_1, one repeat: checks that the script runs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "load_time.json"))
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.models, args.repeats = "squeezenet1_1", 1
     torch.set_num_threads(1)
 
     safe_graph._value_functions.cache_clear()

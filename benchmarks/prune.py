@@ -13,20 +13,27 @@ runs in a forked child capped at ``TP_MEMORY_GB`` of address space and ``TP_TIME
 (on swin_t its shape inference otherwise recurses until it has taken all the memory and the
 kernel kills the benchmark).
 
+Prune times are end to end: ``qcd_fx.transform`` with its tracing, shape propagation and per-pass
+checks (``transform_wall_s``; ``prune_s`` is the pass alone) and Torch-Pruning's dependency graph
+plus ``step()`` (``tp.prune_s``).
+
 Part 2 (``--digits``): the digits CNN trained (Adam, cosine, 12 epochs), pruned at 0.5 and 0.75
-with ``cdg``, ``l1`` and ``random``, fine-tuned equally (10 epochs), 3 seeds: test accuracy.
+with ``cdg``, ``l1`` and ``random``, fine-tuned equally (10 epochs), 3 seeds: test accuracy
+(mean ± sample SD over seeds in the ``.md``).
 
 Writes ``benchmarks/results/prune.json`` and ``prune.md``.
 
     pip install -e ".[bench]"
     python benchmarks/prune.py                 # both parts (~30 min on 2 cores)
     python benchmarks/prune.py --quick         # 4 models, batch 1, 10 repeats; digits 1 seed
+    python benchmarks/prune.py --smoke --out /tmp/pr   # resnet18, 1 repeat; digits 1 seed, 1+1 epochs, ratio 0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import os
 import platform
@@ -186,7 +193,7 @@ def zoo_part(names, repeats: int, batches: tuple[int, ...]) -> list[dict]:
                 row[f"qcd_{criterion}"] = {"ok": True, "prune_s": pass_s, "transform_wall_s": wall, "macs": count_macs(gm, (x,)), "params": count_params(gm)}
                 if criterion == "l1":
                     variants["qcd"] = gm
-            except Exception as e:  # a failure is a result here
+            except Exception as e:  # noqa: BLE001 - a failure is a result here
                 row[f"qcd_{criterion}"] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         try:
             pruned, seconds = prune_tp_isolated(name)
@@ -201,7 +208,7 @@ def zoo_part(names, repeats: int, batches: tuple[int, ...]) -> list[dict]:
                 # same l1 scores and rounding: the two libraries should keep the same widths, in which
                 # case any latency difference is timing noise or Python dispatch, not the network
                 row["same_widths_as_tp"] = sorted(tuple(p.shape) for p in variants["qcd"].parameters()) == sorted(tuple(p.shape) for p in pruned.parameters()) if "qcd" in variants else None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - Torch-Pruning's failures are results too
             row["tp"] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
             traceback.print_exc(limit=1)
         for b in batches:
@@ -226,7 +233,7 @@ def zoo_part(names, repeats: int, batches: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def digits_part(seeds: int, ratios=(0.5, 0.75)) -> dict:
+def digits_part(seeds: int, ratios=(0.5, 0.75), train_epochs: int = 12, finetune_epochs: int = 10) -> dict:
     from qcd_fx.data import load_digits_split, tensor_loader
     from qcd_fx.examples import digits_cnn
 
@@ -253,24 +260,35 @@ def digits_part(seeds: int, ratios=(0.5, 0.75)) -> dict:
     for seed in range(seeds):
         torch.manual_seed(seed)
         model = digits_cnn()
-        results["full"].append(train(model, 12, 3e-3, seed))
+        results["full"].append(train(model, train_epochs, 3e-3, seed))
         for ratio in ratios:
             for crit in ("cdg", "l1", "random"):
                 r = qcd_fx.transform(model.eval(), f"cdg-prune{{ratio={ratio},criterion={crit},seed={seed}}}", example_inputs=split.x_train[:8], calibration=calibration)
                 with torch.no_grad():
                     before = float((r.graph_module.eval()(split.x_test).argmax(1) == split.y_test).float().mean())
-                after = train(r.graph_module, 10, 3e-3, seed + 100)
+                after = train(r.graph_module, finetune_epochs, 3e-3, seed + 100)
                 results["pruned"].setdefault(f"{crit}@{ratio}", []).append({"before_finetune": before, "after_finetune": after})
         print(f"digits seed {seed}: full {results['full'][-1]:.4f} " + " ".join(f"{k} {v[-1]['after_finetune']:.4f}" for k, v in results["pruned"].items()), flush=True)
     return results
+
+
+def _pair(a: dict, b: dict, key: str) -> str:
+    return f"{a.get(key, float('nan')):.2f} / {b.get(key, float('nan')):.2f}"
+
+
+def _percent(xs: list[float]) -> str:
+    """Mean ± sample SD (n - 1) of accuracies, in percent."""
+    sd = f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
+    return f"{100 * statistics.mean(xs):.2f}{sd} %"
 
 
 def markdown(rows: list[dict], digits: dict | None) -> str:
     out = []
     if rows:
         out += [
-            "| model | qcd-fx MACs ÷ | TP MACs ÷ | same widths | qcd-fx eff. b1 / b8 | TP eff. b1 / b8 | qcd-fx prune s (l1 / cdg) | TP prune s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ("| model | qcd-fx MACs ÷ | TP MACs ÷ | same widths | qcd-fx eff. b1 / b8 | TP eff. b1 / b8 "
+             "| qcd-fx end to end s (l1 / cdg) | qcd-fx pass s (l1 / cdg) | TP end to end s |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             q, c, t = r["qcd_l1"], r["qcd_cdg"], r["tp"]
@@ -282,15 +300,15 @@ def markdown(rows: list[dict], digits: dict | None) -> str:
                 f"| {r['model']} | {r['macs'] / q['macs']:.2f} | "
                 + (f"{r['macs'] / t['macs']:.2f}" if t.get("ok") else f"fails: {t.get('error', '')[:50]}")
                 + f" | {({True: 'yes', False: 'no'}).get(r.get('same_widths_as_tp'), '—')}"
-                + f" | {eff(q)} | {eff(t)} | {q.get('prune_s', float('nan')):.2f} / {c.get('prune_s', float('nan')):.2f} | "
+                + f" | {eff(q)} | {eff(t)} | {_pair(q, c, 'transform_wall_s')} | {_pair(q, c, 'prune_s')} | "
                 + (f"{t['prune_s']:.2f}" if "prune_s" in t else "—")
                 + " |"
             )
     if digits:
-        out += ["", "| digits CNN, test accuracy (mean over seeds) | before fine-tune | after fine-tune |", "|---|---:|---:|"]
-        out.append(f"| unpruned | — | {statistics.mean(digits['full']):.4f} |")
+        out += ["", "| digits CNN, test accuracy (mean ± sample SD over seeds) | before fine-tune | after fine-tune |", "|---|---:|---:|"]
+        out.append(f"| unpruned | — | {_percent(digits['full'])} |")
         for k, v in digits["pruned"].items():
-            out.append(f"| {k} | {statistics.mean(x['before_finetune'] for x in v):.4f} | {statistics.mean(x['after_finetune'] for x in v):.4f} |")
+            out.append(f"| {k} | {_percent([x['before_finetune'] for x in v])} | {_percent([x['after_finetune'] for x in v])} |")
     return "\n".join(out) + "\n"
 
 
@@ -302,6 +320,7 @@ def main() -> None:
     ap.add_argument("--no-zoo", action="store_true")
     ap.add_argument("--no-digits", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="resnet18, one repeat, digits 1 seed and 1+1 epochs: checks that the script runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prune"))
     ap.add_argument("--tp-child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)  # internal: see prune_tp_isolated
     args = ap.parse_args()
@@ -310,10 +329,13 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # random-init activations can underflow; denormals would skew latency
+    if args.smoke:
+        args.models, args.repeats, args.seeds = ["resnet18"], 1, 1
     names = args.models or (QUICK if args.quick else MODELS)
-    batches = (1,) if args.quick else (1, 8)
+    batches = (1,) if args.quick or args.smoke else (1, 8)
     rows = [] if args.no_zoo else zoo_part(names, args.repeats, batches)
-    digits = None if args.no_digits else digits_part(1 if args.quick else args.seeds)
+    digits_args = {"ratios": (0.5,), "train_epochs": 1, "finetune_epochs": 1} if args.smoke else {}
+    digits = None if args.no_digits else digits_part(1 if args.quick else args.seeds, **digits_args)
     summary = {}
     if rows:
         both = [r for r in rows if r["qcd_l1"].get("ok") and r["tp"].get("ok")]
@@ -337,10 +359,8 @@ def main() -> None:
             summary[f"tp_median_efficiency_b{b}"] = statistics.median(ts) if ts else None
     meta = {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(), "threads": 1, "repeats": args.repeats, "flush_denormal": True}
     try:
-        import torch_pruning
-
-        meta["torch_pruning"] = torch_pruning.__version__
-    except ImportError:
+        meta["torch_pruning"] = importlib.metadata.version("torch-pruning")  # 1.6.0 has no __version__
+    except importlib.metadata.PackageNotFoundError:
         pass
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "summary": summary, "rows": rows, "digits": digits}, f, indent=1)

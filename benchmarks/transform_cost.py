@@ -12,10 +12,12 @@ For every model (``--models``; default: all torchvision classification models):
   ``torch.utils.flop_counter`` at the small test input size; gate MACs scale with spatial
   positions as the convolutions do, so the ratio is close to the one at 224x224).
 
-Single-threaded. Writes ``benchmarks/results/transform_cost.json`` and ``.md``.
+Inputs are the zoo's test sizes (``zoo.build(name, small=True)``: 64x64, ViTs 32x32 or 28x28,
+Inception-v3 80x80, MaxViT 224x224; the ``input`` of each row). Single-threaded. Writes ``benchmarks/results/transform_cost.json`` and ``.md``.
 
     python benchmarks/transform_cost.py            # whole zoo (~10 min on 2 cores)
     python benchmarks/transform_cost.py --quick    # CI subset
+    python benchmarks/transform_cost.py --smoke --out /tmp/tc   # one model, one repeat (tests)
 """
 
 from __future__ import annotations
@@ -114,16 +116,17 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
 
 def markdown(rows: list[dict], fit: dict) -> str:
     lines = [
-        "| model | nodes | pass s (rank 8) | pass+lint+recompile s (rank 8) | pass s (full) | params +% full / r8 | MACs +% full / r8 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | input | nodes | pass s (rank 8) | pass+lint+recompile s (rank 8) | pass s (full) | params +% full / r8 | MACs +% full / r8 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         f, e = r["full"], r["rank8"]
+        size = "×".join(map(str, r["input"][2:]))
         if "skipped" in f:
-            lines.append(f"| {r['model']} | {r['nodes']} | {e['pass_s']:.3f} | {e['pipeline_s']:.3f} | skipped | — / {e['param_overhead']:+.1%} | — / {e['mac_overhead']:+.1%} |")
+            lines.append(f"| {r['model']} | {size} | {r['nodes']} | {e['pass_s']:.3f} | {e['pipeline_s']:.3f} | skipped | — / {e['param_overhead']:+.1%} | — / {e['mac_overhead']:+.1%} |")
             continue
         lines.append(
-            f"| {r['model']} | {r['nodes']} | {e['pass_s']:.3f} | {e['pipeline_s']:.3f} | {f['pass_s']:.3f} | "
+            f"| {r['model']} | {size} | {r['nodes']} | {e['pass_s']:.3f} | {e['pipeline_s']:.3f} | {f['pass_s']:.3f} | "
             f"{f['param_overhead']:+.1%} / {e['param_overhead']:+.1%} | {f['mac_overhead']:+.1%} / {e['mac_overhead']:+.1%} |"
         )
     lines.append("")
@@ -138,11 +141,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", help="torchvision model names (default: the whole zoo)")
     ap.add_argument("--quick", action="store_true", help="only the CI subset")
+    ap.add_argument("--smoke", action="store_true", help="resnet18, one repeat: checks that the script runs")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-gate-params", type=float, default=150e6, help="skip full-rank gates above this many added parameters")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "transform_cost"))
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.smoke:
+        args.models, args.repeats = ["resnet18"], 1
     names = args.models or (list(zoo.CI_SUBSET) if args.quick else zoo.classification_models())
     rows = []
     for name in names:
