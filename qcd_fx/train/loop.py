@@ -17,14 +17,11 @@ part of the epoch, learning rate). Progress is drawn with Rich on stderr and can
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,15 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .io import atomic_write
-
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-OPTIMIZERS = ("sgd", "adam", "cce", "cce-seed", "qimad")
-"""Names accepted by :func:`make_optimizer` and :func:`train_on_digits`."""
-
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "cce": 0.1, "cce-seed": 0.1, "qimad": 2e-3}
-"""Default learning rates (digits; chosen on a validation split by ``benchmarks/optimizers.py``)."""
 
 
 @dataclass
@@ -276,187 +265,3 @@ def fit(
         if bar is not None:
             bar.stop()
     return history
-
-
-# ── optimizers by name ─────────────────────────────────────────────────────────────────────────
-
-
-def make_optimizer(name: str, params: Iterable, *, lr: float | None = None, seed: int = 0, **options: Any) -> Optimizer:
-    """Build one of :data:`OPTIMIZERS` with the project's defaults (``lr=None``: :data:`DEFAULT_LR`).
-
-    ``sgd`` is SGD with momentum 0.9 (``foreach``); ``adam`` is Adam (``foreach``); ``cce`` is
-    :class:`~qcd_fx.optim.CCE` with its defaults; ``cce-seed`` is CCE with ``mode="seed"``;
-    ``qimad`` is :class:`~qcd_fx.optim.QIMAD` (8 agents) seeded with ``seed``. ``options`` are
-    passed on to the optimizer's constructor.
-    """
-    from .optim import CCE, QIMAD
-
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    lr = DEFAULT_LR[name] if lr is None else float(lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, "foreach": True, **options})
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, **{"foreach": True, **options})
-    if name == "cce":
-        return CCE(params, lr=lr, **options)
-    if name == "cce-seed":
-        return CCE(params, lr=lr, **{"mode": "seed", **options})
-    return QIMAD(params, lr=lr, **{"seed": seed, **options})
-
-
-# ── digits ─────────────────────────────────────────────────────────────────────────────────────
-
-
-def digits_input(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
-    """How to feed digits images to ``model``: as ``(N, 1, 8, 8)`` images or flattened ``(N, 64)``."""
-    errors = []
-    for name, fn in (("(N, 1, 8, 8) images", lambda t: t), ("(N, 64) vectors", lambda t: t.flatten(1))):
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(fn(x[:2]))
-        except Exception as e:  # noqa: BLE001 - the model rejects this layout; try the next one
-            errors.append(f"{name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-            continue
-        finally:
-            model.train(was)
-        if not isinstance(out, Tensor) or out.shape != (2, 10):
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            errors.append(f"{name}: output {shape}, expected (2, 10) class scores")
-            continue
-        return fn
-    raise ValueError("the model does not fit the digits data (8x8 images, 10 classes): " + "; ".join(errors))
-
-
-class _Flat(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.flatten(1))
-
-
-def output_paths(out_prefix: str | os.PathLike, overwrite: bool) -> dict[str, Path]:
-    prefix = Path(out_prefix)
-    base = prefix.name[: -len(".pt")] if prefix.name.endswith(".pt") else prefix.name
-    if not base:
-        raise ValueError(f"output prefix {str(out_prefix)!r} has no file name")
-    paths = {
-        "model": prefix.with_name(base + ".pt"),
-        "history": prefix.with_name(base + ".history.json"),
-        "curve": prefix.with_name(base + ".curve.png"),
-    }
-    if not prefix.parent.is_dir():
-        raise ValueError(f"output directory {str(prefix.parent)!r} does not exist")
-    if not overwrite:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise FileExistsError(f"{existing[0]} exists; choose another output name or pass overwrite=True (--force)")
-    return paths
-
-
-def plot_history(histories: dict[str, History], path: str | os.PathLike, title: str = "") -> None:
-    """Learning curves (training loss, validation accuracy per epoch) as a PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, h in histories.items():
-        ep = h.column("epoch")
-        ax_loss.plot(ep, h.column("train_loss"), label=label)
-        acc = [a if a is not None else math.nan for a in h.column("val_accuracy")]
-        ax_acc.plot(ep, [100 * a for a in acc], label=label)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss")
-    ax_loss.set_yscale("log")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.grid(alpha=0.3)
-    ax_loss.grid(alpha=0.3)
-    ax_acc.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    target = Path(path)
-    try:
-        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-
-
-def train_on_digits(
-    model: nn.Module,
-    optimizer_name: str,
-    epochs: int,
-    *,
-    batch_size: int = 64,
-    lr: float | None = None,
-    seed: int = 0,
-    out_prefix: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    optimizer_options: dict[str, Any] | None = None,
-    save_model: Callable[[nn.Module, str], None] | None = None,
-) -> History:
-    """Train ``model`` on the bundled digits data (80/20 stratified split) and return the history.
-
-    The history's validation columns are the **test** split (nothing is tuned on them here).
-    ``seed`` fixes the shuffling and the optimizer's randomness (the model's initial weights are
-    whatever ``model`` holds). The model may take ``(N, 1, 8, 8)`` images or ``(N, 64)`` vectors.
-
-    With ``out_prefix`` (e.g. ``"runs/mlp"`` or ``"runs/mlp.pt"``) three files are written, each
-    through a temporary file and an atomic rename: ``<prefix>.pt`` (the trained model:
-    ``save_model(model, path)`` if given, else ``torch.save(model.state_dict(), path)``),
-    ``<prefix>.history.json`` and ``<prefix>.curve.png``. Existing files raise ``FileExistsError``
-    before training starts unless ``overwrite=True``.
-    """
-    from .data import digits_loaders
-
-    if optimizer_name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer_name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    paths = output_paths(out_prefix, overwrite) if out_prefix is not None else None
-    train_loader, test_loader, _ = digits_loaders(batch_size, seed=seed)
-    x0 = next(iter(test_loader))[0]
-    feed = digits_input(model, x0)
-    net = model if feed(x0).dim() == 4 else _Flat(model)
-    opt = make_optimizer(optimizer_name, model.parameters(), lr=lr, seed=seed, **(optimizer_options or {}))
-    history = fit(net, train_loader, opt, epochs, val_loader=test_loader, progress=progress)
-    history.meta.update(
-        optimizer=optimizer_name, lr=opt.param_groups[0]["lr"], batch_size=batch_size, seed=seed,
-        data="digits (sklearn), 80/20 stratified split, split_seed=0; val_* columns are the test split",
-        final_test_accuracy=history.final_val_accuracy, torch=torch.__version__,
-    )  # fmt: skip
-    if paths is not None:
-        if save_model is not None:
-            atomic_write(paths["model"], lambda tmp: save_model(model, tmp))
-        else:
-            atomic_write(paths["model"], lambda tmp: torch.save(model.state_dict(), tmp))
-        text = json.dumps(history.to_dict(), indent=2)
-        atomic_write(paths["history"], lambda tmp: Path(tmp).write_text(text + "\n"))
-        plot_history({optimizer_name: history}, paths["curve"], title=f"digits, {optimizer_name}")
-        history.meta["outputs"] = {k: str(v) for k, v in paths.items()}
-    return history
-
-
-__all__ = [
-    "OPTIMIZERS",
-    "DEFAULT_LR",
-    "EpochRecord",
-    "History",
-    "evaluate",
-    "fit",
-    "make_optimizer",
-    "plot_history",
-    "train_on_digits",
-]
