@@ -256,8 +256,8 @@ def save(
     holds what a safe file may not is refused with :class:`UsageError` naming the node or module,
     unless ``allow_pickle`` (then the GraphModule is pickled with ``torch.save``, and loading it
     needs ``trust_pickle``). ``allow``: extra packages, as for :func:`load`.
-    ``input_shapes`` (example input shapes) are stored with the graph and restored as
-    ``gm.meta["qcd_fx_input_shapes"]`` on load, so the CLI needs no ``--input-shape`` for it.
+    ``input_shapes`` (example input shapes) are stored with the graph (in either format) and
+    restored as ``gm.meta["qcd_fx_input_shapes"]`` on load, so the CLI needs no ``--input-shape`` for it.
     """
     if not isinstance(gm, GraphModule):
         raise TypeError(f"save expects a torch.fx.GraphModule, got {type(gm).__name__}")
@@ -270,8 +270,15 @@ def save(
         if not allow_pickle:
             raise UsageError(f"cannot save the GraphModule in the safe format: {e}; allow a pickled file with --pickle (allow_pickle=True)") from None
         payload, kind = gm, "pickle"
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    pickled_shapes = kind == "pickle" and input_shapes is not None
+    if pickled_shapes:  # a plain attribute survives pickling (GraphModule drops gm.meta); load moves it back
+        gm.__dict__[_PICKLED_SHAPES] = [[int(d) for d in shape] for shape in input_shapes]
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    finally:
+        if pickled_shapes:
+            del gm.__dict__[_PICKLED_SHAPES]
     return kind
 
 
@@ -296,6 +303,9 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
             raise ModelLoadError(f"model file {path!r} could not be unpickled ({type(e).__name__}: {first_line(e)})") from None
         if not isinstance(obj, nn.Module):
             raise ModelLoadError(f"model file {path!r} holds {_describe_obj(obj)}, not a torch.nn.Module")
+        shapes = obj.__dict__.pop(_PICKLED_SHAPES, None)
+        if isinstance(obj, GraphModule) and shapes is not None:
+            obj.meta[INPUT_SHAPES_KEY] = _input_shapes(shapes, path)
         return obj
     if isinstance(obj, dict) and obj.get("format") == safe_graph.FORMAT:
         try:
@@ -306,9 +316,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
             raise ModelLoadError(f"model file {path!r} is malformed: {e}") from None
         shapes = obj.get("input_shapes")
         if shapes:
-            if not (isinstance(shapes, list) and all(isinstance(s, list) and all(type(d) is int and d > 0 for d in s) for s in shapes)):
-                raise ModelLoadError(f"model file {path!r} is malformed: its input shapes are not lists of positive ints")
-            gm.meta[INPUT_SHAPES_KEY] = [tuple(s) for s in shapes]
+            gm.meta[INPUT_SHAPES_KEY] = _input_shapes(shapes, path)
         return gm
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(
@@ -316,6 +324,15 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
             "give the model's factory as package.module:factory and this file as --weights"
         )
     raise ModelLoadError(f"model file {path!r} holds {_describe_obj(obj)}, not a model")
+
+
+_PICKLED_SHAPES = "_qcd_fx_input_shapes"
+
+
+def _input_shapes(shapes: Any, path: str) -> list[tuple[int, ...]]:
+    if not (isinstance(shapes, list) and all(isinstance(s, list) and all(type(d) is int and d > 0 for d in s) for s in shapes)):
+        raise ModelLoadError(f"model file {path!r} is malformed: its input shapes are not lists of positive ints")
+    return [tuple(s) for s in shapes]
 
 
 def _policy(allow: Iterable[str]) -> safe_graph.Policy:

@@ -337,11 +337,6 @@ def test_pickle_writes_a_pickled_file_only_when_the_safe_format_cannot_hold_it(w
     assert isinstance(qcd_fx.load("safe.pt"), torch.fx.GraphModule)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: qcd_fx.io.save(allow_pickle=True) drops input_shapes for the pickled format (the payload is the bare "
-    "GraphModule), so a --pickle file, unlike a safe one, needs --input-shape again when loaded",
-)
 def test_pickled_file_remembers_its_input_shape(workdir):
     assert _scaled_transform("-o", "p.pt", "--pickle").exit_code == 0
     assert qcd_fx.load("p.pt", trust_pickle=True).meta.get("qcd_fx_input_shapes") == [(2, 4)]
@@ -398,26 +393,15 @@ def test_tolerance_bounds_the_drift_of_function_preserving_passes(digits_cnn):
     assert Pipeline.parse("csc").run(digits_cnn, x, tolerance=0.0).report.passes[0].drift_abs > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in the pipeline's drift localisation (_verify/_first_node): captured node values are compared after "
-    "later in-place ops mutated them, so a nudge after features_4 (followed by ReLU(inplace=True)) blames the unchanged "
-    "'features_4'; and a node the pass adds straight before the output is never named (no 'at node', no detail)",
-)
 @pytest.mark.parametrize("node", ["features_4", "classifier"], ids=["before-inplace-relu", "before-output"])
 def test_drift_is_located_at_the_node_the_pass_added(digits_cnn, node):
     with pytest.raises(PostconditionError, match=r"^pass 'opts-nudge' at node 'add': declared function-preserving"):
         Pipeline([Nudge(node=node)]).run(digits_cnn, torch.randn(2, 1, 8, 8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Pipeline.run does not validate tolerance; NaN silently disables the function-preserving check "
-    "(drift > nan is False) and a negative value blames the pass ('drifted by ... (tolerance -1.0)')",
-)
 @pytest.mark.parametrize("bad", [float("nan"), -1.0], ids=["nan", "negative"])
 def test_bad_tolerance_is_rejected(digits_cnn, bad):
-    with pytest.raises(ValueError, match="tolerance"):
+    with pytest.raises(UsageError, match="tolerance must be a finite number >= 0"):
         Pipeline([Nudge()]).run(digits_cnn, torch.randn(2, 1, 8, 8), tolerance=bad)
 
 
@@ -482,12 +466,6 @@ def test_target_macs_absolute_count_and_fraction(workdir):
         assert 0.9 * target <= macs <= target, (target, macs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdg-prune's target_macs search (_search_macs) stops at ratio 0.95 and returns it without checking it; "
-    "an absolute target below what that reaches is silently missed (digits CNN: target 1000, result 8104 MACs), "
-    "with no error and no note in the report",
-)
 def test_unreachable_target_macs_is_not_silently_missed():
     x = torch.randn(1, 1, 8, 8)
     try:
@@ -499,12 +477,6 @@ def test_unreachable_target_macs_is_not_silently_missed():
     assert result.report.final.macs <= 1000 or any("target_macs" in note for note in row.notes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdg-prune counts MACs for target_macs on the first calibration batch, not the example inputs; "
-    "with --data digits (batches of 32) an absolute target given in the report's per-example-input MACs "
-    "prunes ~32x too much (digits CNN: target 894272, result 25558)",
-)
 def test_absolute_target_macs_means_the_reports_macs_with_digits_calibration(workdir):
     ok("transform", "--example", "-p", "cdg-prune{target_macs=0.5}", "--report", "fraction.json")
     half = report_of("fraction.json")["baseline"]["macs"] // 2
@@ -514,16 +486,11 @@ def test_absolute_target_macs_means_the_reports_macs_with_digits_calibration(wor
 
 
 def test_bad_target_macs_values(workdir):
-    one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=0}"), 2, "target_macs must be > 0, got 0.0")
+    one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=0}"), 2, "target_macs must be > 0 and finite, got 0.0")
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=-5}"), 2, "target_macs must be > 0")
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=lots}"), 2, "option 'target_macs' must be a number, not 'lots'")
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=100000,ratio=0.5}"), 2, "give only one of ratio, target_macs and threshold=auto")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: CDGPrune.__post_init__ checks target_macs <= 0, which is False for NaN, so target_macs=nan is accepted "
-    "and the bisection (MACs <= nan never holds) falls back to its unchecked 95% ratio (digits CNN: 1788544 -> 8104 MACs)",
-)
 def test_nan_target_macs_is_rejected(workdir):
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=nan}"), 2, "target_macs must be > 0")

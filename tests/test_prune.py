@@ -14,7 +14,7 @@ from qcd_fx.errors import PipelineSpecError, PreconditionError
 from qcd_fx.examples import digits_mlp
 from qcd_fx.passes import Pipeline
 from qcd_fx.passes.dependency import analyze
-from qcd_fx.passes.prune import _ensure_shapes, _select_ratio, apply_pruning, cdg_freeze
+from qcd_fx.passes.prune import _ensure_shapes, _select, apply_pruning, cdg_freeze
 
 PRUNE_MODELS = (
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121", "efficientnet_b0",
@@ -71,7 +71,7 @@ def test_pruning_equals_zeroing_the_removed_channels(name):
     gm = qcd_fx.trace(copy.deepcopy(model))
     _ensure_shapes(gm, [(x,)], "test")
     deps = analyze(gm)
-    removed = _select_ratio(deps, np.random.default_rng(0).random(deps.num_atoms), 0.5, 1)
+    removed = _select(deps, np.random.default_rng(0).random(deps.num_atoms), 1, ratio=0.5)
     keep = deps.kept_atoms(removed)
     tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     with torch.no_grad():
@@ -141,13 +141,51 @@ def test_criteria_differ_and_are_deterministic():
     assert not torch.equal(kept["l1"], kept["random"]) and not torch.equal(kept["cdg"], kept["random"])
 
 
+class ResBlock(nn.Module):
+    """Two groups: the residual width (stem and b, one unit per channel pair) and a's width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 24, 3, padding=1)
+        self.b = nn.Conv2d(24, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.head.weight.mul_(3)  # puts the output's efficiency among the channels' (some below, some above)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.b(torch.relu(self.a(torch.relu(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def seed_efficiency(t, dim=None):
+    """The seed's E = (I - S)/(I + S + 1e-8), softmax over the last axis: I = mean |t| and S = the mean of
+    -p log p, over everything (dim=None) or along ``dim`` (per channel when channels are last)."""
+    p = t.softmax(-1)
+    info, ent = t.abs().mean(dim), -(p * p.log()).mean(dim)
+    return (info - ent) / (info + ent + 1e-8)
+
+
 def test_threshold_auto_is_the_seed_rule():
-    model, shape = zoo.build("resnet18", small=True)
-    x = torch.randn(4, *shape[1:])
+    """Exactly the units whose E (the mean over the unit's channels) is below the output's E go."""
+    model = ResBlock().eval()
+    x = torch.randn(4, 3, 8, 8)
+    acts = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o)) for n in ("stem", "a", "b")]
+    with torch.no_grad():
+        threshold = float(seed_efficiency(model(x)))
+    for h in hooks:
+        h.remove()
+    eff = {n: seed_efficiency(a.movedim(1, -1).flatten(0, 2), 0) for n, a in acts.items()}  # per channel, channels last
+    expected = {"a": eff["a"] >= threshold, "residual": (eff["stem"] + eff["b"]) / 2 >= threshold}
+    assert all(0 < int(k.sum()) < len(k) for k in expected.values())  # both groups lose some units, keep others
     result = qcd_fx.transform(model, "cdg-prune{threshold=auto}", example_inputs=x)
-    stats = result.report.passes[0].stats
-    assert -1 < stats["output_efficiency"] < 1
-    assert result.report.final.params <= result.report.baseline.params
+    assert result.report.passes[0].stats["output_efficiency"] == pytest.approx(threshold, rel=1e-5)
+    gm = result.graph_module
+    kept = {name: torch.isin(getattr(model, name).bias, getattr(gm, name).bias) for name in ("stem", "a", "b")}
+    assert torch.equal(kept["a"], expected["a"])
+    assert torch.equal(kept["stem"], expected["residual"]) and torch.equal(kept["b"], expected["residual"])
 
 
 def test_target_macs_search():
@@ -234,7 +272,7 @@ def test_untracked_ops_leave_their_group_alone_and_say_why():
     gm = result.graph_module
     assert gm.a.out_channels == 16 and gm.b.out_channels == 8
     assert any("no pruning rule for module Opaque" in n for n in result.report.notes())
-    assert result.report.passes[0].stats["groups_skipped"] == 1
+    assert result.report.passes[0].stats["skip_reasons"] == {"no pruning rule for module Opaque": 1, "model output (its width never changes)": 1}
 
 
 @pytest.mark.parametrize(

@@ -282,6 +282,7 @@ class _Analyzer:
         n = self.next_atom
         a = np.concatenate(self.pairs_a) if self.pairs_a else np.zeros(0, np.int64)
         b = np.concatenate(self.pairs_b) if self.pairs_b else np.zeros(0, np.int64)
+        linked = _components(n, a, b)  # groups follow these links only: freezing does not link families
         if self.freezes:
             fa = np.concatenate([f for f, _ in self.freezes])
             a = np.concatenate([a, fa])
@@ -292,8 +293,9 @@ class _Analyzer:
         for f in range(len(self.family_starts)):
             family_of[starts[f] : starts[f + 1]] = f
         family_of[0] = -1
-        # groups: families connected through shared units
-        fam_labels = _components(len(self.families), family_of[1:], family_of[labels[1:]].clip(min=0))
+        # groups: families connected through shared units (not through atom 0: unrelated layers with
+        # frozen channels would share one ranking, and a layer could lose every channel)
+        fam_labels = _components(len(self.families), family_of[1:], family_of[linked[1:]].clip(min=0))
         members: dict[int, list[int]] = defaultdict(list)
         for f, g in enumerate(fam_labels):
             members[int(g)].append(f)
@@ -591,7 +593,9 @@ def _channel_norm(an: _Analyzer, node: Node, path: str, tensors: list[str], num_
         an.freeze(info.atoms, f"{node.name}: channel norm over a value with channels on axis {info.axis}")
         return None
     atoms = info.atoms
-    if num_groups is not None and num_groups > 1:
+    if num_groups is not None and num_groups == len(atoms) > 1:  # one channel per group: groups go with it
+        an.rewrite_attr(path, "num_groups", atoms)
+    elif num_groups is not None and num_groups > 1:  # the same local channels in every group
         an.tie(atoms, num_groups)
     for t in tensors:
         an.bind(t, 0, atoms)
@@ -1058,7 +1062,7 @@ def rule_matmul(an: _Analyzer, node: Node) -> Info:
             an.freeze(ib.atoms, f"{node.name}: channels on both matmul outputs")
         else:
             out = Chan(len(so) - 1, ib.atoms)
-    elif isinstance(ib, ParamRef) and ib.axes[len(sb) - 1] is not None and ca is not None and out is None:
+    elif isinstance(ib, ParamRef) and ib.axes[len(sb) - 1] is not None and (ca is not None or ia is None) and out is None:
         atoms = an.param_atoms(ib.name, ib.axes[len(sb) - 1], f"{node.name} (out features)")
         out = Chan(len(so) - 1, atoms)
         an.producers[node.name] = out
@@ -1194,6 +1198,9 @@ FUNCTION_RULES: dict[Any, Callable] = {
     torch.conv1d: rule_conv_function,
     torch.conv2d: rule_conv_function,
     torch.conv3d: rule_conv_function,
+    F.conv_transpose1d: rule_conv_function,
+    F.conv_transpose2d: rule_conv_function,
+    F.conv_transpose3d: rule_conv_function,
     F.layer_norm: rule_layernorm_function,
     F.adaptive_avg_pool1d: rule_spatial,
     F.adaptive_avg_pool2d: rule_spatial,

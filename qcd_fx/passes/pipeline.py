@@ -15,6 +15,7 @@ Verification runs in eval mode (no dropout, BatchNorm running statistics untouch
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..analysis import count_params, eval_no_grad, mac_counter, sparsity_probe
-from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError, first_line
+from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError, UsageError, first_line
 from ..report import PassRow, Report, Snapshot
 from ..tracing import fast_module_access, trace
 from .base import Pass, parse_spec
@@ -140,6 +141,8 @@ class Pipeline:
             on_step: called with a short description before each step (progress display).
         """
         step = on_step or (lambda _msg: None)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+            raise UsageError(f"tolerance must be a finite number >= 0 (max-abs drift allowed), got {tolerance!r}")
         inputs = _as_inputs(example_inputs)
         leaf_modules = tuple(leaf_modules)
         original = model
@@ -258,9 +261,12 @@ class Pipeline:
                 if snapshot is not None:
                     values = _node_values(snapshot, inputs)
                     changed = _first_node(gm, inputs, lambda name, v: name in values and not _same(v, values[name]))
-                    node = changed and _new_source(gm, changed, values)
-                    if node and node != changed:
-                        detail = f"; it changes the value of '{changed}'"
+                    # no node of the old graph changed: the pass added something on the way to the output
+                    node = _new_source(gm, changed or "output", values)
+                    if node == "output":
+                        node = None
+                    elif node != changed:
+                        detail = f"; it changes the value of '{changed}'" if changed else "; it changes the output"
                 raise PostconditionError(
                     p.name, f"declared function-preserving but outputs drifted by {abs_drift:.3g} (tolerance {tolerance}){detail}", node
                 )

@@ -77,8 +77,8 @@ class CDGPrune(Pass):
             raise ValueError("give only one of ratio, target_macs and threshold=auto")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.target_macs is not None and self.target_macs <= 0:
-            raise ValueError(f"target_macs must be > 0, got {self.target_macs}")
+        if self.target_macs is not None and not (math.isfinite(self.target_macs) and self.target_macs > 0):
+            raise ValueError(f"target_macs must be > 0 and finite, got {self.target_macs}")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if self.threshold == "auto" and self.criterion != "cdg":
@@ -115,14 +115,18 @@ class CDGPrune(Pass):
         if self.target_macs is not None:
             if not calib:
                 raise PreconditionError(self.name, "target_macs needs example inputs to count MACs")
-            removed = _search_macs(gm, deps, scores, self.target_macs, self.round_to, calib[0])
+            # MACs are counted on the example inputs (what the report counts), not on a calibration batch
+            inputs = context.example_inputs if context.example_inputs is not None else calib[0]
+            removed, missed = _search_macs(gm, deps, scores, self.target_macs, self.round_to, inputs)
+            if missed:
+                notes.append(missed)
         elif self.threshold == "auto":
             if out_eff is None:
                 raise PreconditionError(self.name, "threshold=auto needs calibration data (the output's efficiency)")
             stats["output_efficiency"] = out_eff
-            removed = _select_threshold(deps, scores, out_eff, self.round_to)
+            removed = _select(deps, scores, self.round_to, threshold=out_eff)
         else:
-            removed = _select_ratio(deps, scores, self.effective_ratio, self.round_to)
+            removed = _select(deps, scores, self.round_to, ratio=self.effective_ratio)
         widths = apply_pruning(gm, deps, removed)
         skipped = [g for g in deps.groups if len(g.units) == 0]
         stats.update(
@@ -274,47 +278,45 @@ def _keep_count(n: int, remove: int, round_to: int) -> int:
     return keep
 
 
-def _select_ratio(deps: Dependencies, scores: np.ndarray, ratio: float, round_to: int) -> np.ndarray:
+def _select(deps: Dependencies, scores: np.ndarray, round_to: int, *, ratio: float | None = None, threshold: float | None = None) -> np.ndarray:
+    """Labels of the lowest-scored units of every group: ``floor(ratio * n)`` of them, or those
+    scoring below ``threshold`` (give exactly one), then rounded by :func:`_keep_count`."""
     removed = []
     for g in deps.groups:
         n = len(g.units)
         if n <= 1:
             continue
-        keep = _keep_count(n, int(math.floor(ratio * n + 1e-9)), round_to)
-        order = g.units[np.argsort(scores[g.units], kind="stable")]
-        removed.append(order[: n - keep])
+        s = scores[g.units]
+        drop = int((s < threshold).sum()) if threshold is not None else math.floor(ratio * n + 1e-9)
+        keep = _keep_count(n, drop, round_to)
+        removed.append(g.units[np.argsort(s, kind="stable")][: n - keep])
     return np.concatenate(removed) if removed else np.zeros(0, np.int64)
 
 
-def _select_threshold(deps: Dependencies, scores: np.ndarray, threshold: float, round_to: int) -> np.ndarray:
-    removed = []
-    for g in deps.groups:
-        n = len(g.units)
-        if n <= 1:
-            continue
-        below = int((scores[g.units] < threshold).sum())
-        keep = _keep_count(n, below, round_to)
-        order = g.units[np.argsort(scores[g.units], kind="stable")]
-        removed.append(order[: n - keep])
-    return np.concatenate(removed) if removed else np.zeros(0, np.int64)
+def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple) -> tuple[np.ndarray, str | None]:
+    """Smallest uniform ratio whose pruned copy has MACs <= target (bisection, 10 steps), and a
+    note when even the largest ratio tried (0.95 of every group) stays above the target."""
 
+    def macs_at(removed: np.ndarray) -> int:
+        trial = copy.deepcopy(gm)
+        apply_pruning(trial, deps, removed)
+        return count_macs(trial, inputs)
 
-def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple) -> np.ndarray:
-    """Smallest uniform ratio whose pruned copy has MACs <= target (bisection, 10 steps)."""
     base = count_macs(gm, inputs)
     goal = target * base if target <= 1 else target
     lo, hi = 0.0, 0.95
-    best = _select_ratio(deps, scores, hi, round_to)
+    best = _select(deps, scores, round_to, ratio=hi)
+    floor = macs_at(best)
+    if floor > goal:
+        return best, f"target_macs {goal:.4g} not reached: removing 95 % of every prunable group leaves {floor} MACs (of {base})"
     for _ in range(10):
         mid = (lo + hi) / 2
-        removed = _select_ratio(deps, scores, mid, round_to)
-        trial = copy.deepcopy(gm)
-        apply_pruning(trial, deps, removed)
-        if count_macs(trial, inputs) <= goal:
+        removed = _select(deps, scores, round_to, ratio=mid)
+        if macs_at(removed) <= goal:
             hi, best = mid, removed
         else:
             lo = mid
-    return best
+    return best, None
 
 
 def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray) -> dict[str, tuple[int, int]]:

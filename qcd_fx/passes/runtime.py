@@ -67,5 +67,6 @@ class Runner(Interpreter):
             n.meta["tensor_meta"] = m
         n.meta["type"] = type(result)
         if self.values is not None and (self.keep is None or n.name in self.keep):
-            self.values[n.name] = result
+            # a copy: a later in-place op (ReLU(inplace=True), add_) would change the kept value
+            self.values[n.name] = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, result)
         return result
