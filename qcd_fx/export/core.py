@@ -17,7 +17,7 @@ from .diagnose import _chain, _is_batch_constraint, _ort_failure, _ts_reason, de
 from .exporters import _capture_inputs, _dynamo_export, _quiet_loggers, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
 from .signature import _as_inputs, _second_batch, input_names, output_names
-from .verify import _feed, compare_outputs, onnxruntime_session
+from .verify import _feed, compare_outputs, onnxruntime_session, weights_as_inputs
 from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer
 
 
@@ -208,8 +208,9 @@ def _write_and_check(
                 proto = onnx.load(target_for_checks, load_external_data=False)
         graph = proto.graph
         initializer_names = {i.name for i in graph.initializer}
-        if data is not None:  # the weights live on in `data`; no second copy while onnxruntime loads them
-            graph.ClearField("initializer")
+        checker_target = target_for_checks
+        if data is not None:  # the weights live on in `data`: check the graph with them as typed inputs
+            checker_target = weights_as_inputs(proto).SerializeToString()
         op_types: dict[str, int] = {}
         domains = set()
         for node in list(graph.node) + [n for fn in proto.functions for n in fn.node]:
@@ -252,7 +253,7 @@ def _write_and_check(
         if check:
             with _timed(timings, "checker"):
                 try:
-                    onnx.checker.check_model(target_for_checks, full_check=True)
+                    onnx.checker.check_model(checker_target, full_check=True)
                 except Exception as e:
                     raise ExportError(f"onnx.checker rejects the exported {type(gm).__name__}: {first_line(e)}") from e
             report.checker_ok = True
