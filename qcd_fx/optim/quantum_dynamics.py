@@ -80,16 +80,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .population import (
-    EVAL_MODES,
-    FlatLayout,
-    PopulationOptimizer,
-    check_choice,
-    check_integer,
-    check_number,
-    closure_evaluate,
-    resolve_seed,
-)
+from .population import EVAL_MODES, FlatLayout, PopulationOptimizer, check_choice, check_integer, check_number, closure_evaluate, resolve_seed
 
 WEIGHTINGS = ("mean", "boltzmann")
 DIFFUSIONS = ("ensemble", "isotropic")
@@ -308,9 +299,7 @@ class QuantumDynamics(PopulationOptimizer):
         if hasattr(self, "layout"):
             self.layout = FlatLayout(self._params())
 
-    def _params(
-        self,
-    ) -> list[Tensor]:  # gradient-free: also tensors that do not require grad
+    def _params(self) -> list[Tensor]:  # gradient-free: also tensors that do not require grad
         return [p for g in self.param_groups for p in g["params"]]
 
     # ── evaluation ──────────────────────────────────────────────────────────────────────────────
@@ -504,12 +493,7 @@ class QuantumDynamics(PopulationOptimizer):
         """One MQHOA pass. ``step(closure)``, ``step(loss_fn=f)`` (batched over positions) or
         ``step(model=, batch=(inputs, target), loss_fn=)``. Returns the best value so far."""
         mode = self._mode = self._step_mode(closure, model, batch, loss_fn, batched_loss_fn=True)
-        self._closure, self._model, self._batch, self._loss_fn = (
-            closure,
-            model,
-            batch,
-            loss_fn,
-        )
+        self._closure, self._model, self._batch, self._loss_fn = (closure, model, batch, loss_fn)
         try:
             if not self._initialized:
                 self._init_state()
@@ -557,22 +541,11 @@ class QuantumDynamics(PopulationOptimizer):
         return run
 
     def _load_own_state(self, run: dict[str, Any]) -> None:
-        self.seed, self.options, self.bounds = (
-            run["seed"],
-            dict(run["options"]),
-            run["bounds"],
-        )
+        self.seed, self.options, self.bounds = run["seed"], dict(run["options"]), run["bounds"]
         self.options.setdefault("mean_field", 0.0)  # saved before the option existed: the published rule
         self.options.setdefault("shrink", 1.0)  # (off)
         self.options.setdefault("min_centres", 40)
-        for key in (
-            "evaluations",
-            "restarts_done",
-            "passes",
-            "stable_events",
-            "done",
-            "stop_reason",
-        ):
+        for key in ("evaluations", "restarts_done", "passes", "stable_events", "done", "stop_reason"):
             setattr(self, key, run[key])
         self._initialized = False
         if not run["initialized"]:
@@ -581,11 +554,7 @@ class QuantumDynamics(PopulationOptimizer):
         if tuple(run["X"].shape[1:]) != (lay.dim,):
             raise ValueError(f"state dict holds centres of dimension {run['X'].shape[1]}, this optimizer has {lay.dim}")
         cast = dict(device=lay.device, dtype=lay.dtype)
-        self._X, self._best_x, self._origin = (
-            run["X"].to(**cast).clone(),
-            run["best_x"].to(**cast).clone(),
-            run["origin"].to(**cast).clone(),
-        )
+        self._X, self._best_x, self._origin = (run["X"].to(**cast).clone(), run["best_x"].to(**cast).clone(), run["origin"].to(**cast).clone())
         self._F, self._replaced = run["F"].cpu().clone(), run["replaced"].cpu().clone()
         self._k, self._sigma, self._best_f = run["k"], run["sigma"], run["best_f"]
         self._k_run = run.get("k_run", run["k"])  # saved before shrink existed: the run never shrank
@@ -594,14 +563,7 @@ class QuantumDynamics(PopulationOptimizer):
         self._initialized = True
 
 
-def minimize(
-    fn: Callable[[Tensor], Tensor],
-    x0: Tensor,
-    *,
-    max_evals: int,
-    target: float | None = None,
-    **options: Any,
-) -> dict[str, Any]:
+def minimize(fn: Callable[[Tensor], Tensor], x0: Tensor, *, max_evals: int, target: float | None = None, **options: Any) -> dict[str, Any]:
     """Run :class:`QuantumDynamics` on a batched function ``fn: (P, D) -> (P,)`` from ``x0`` ``(D,)``.
 
     Stops at ``target`` (``best <= target``), convergence or ``max_evals``. Returns a dict with
@@ -631,12 +593,4 @@ def minimize(
     }  # fmt: skip
 
 
-__all__ = [
-    "QuantumDynamics",
-    "MULTIMODAL",
-    "minimize",
-    "boltzmann_weights",
-    "ensemble_noise",
-    "WEIGHTINGS",
-    "DIFFUSIONS",
-]
+__all__ = ["QuantumDynamics", "MULTIMODAL", "minimize", "boltzmann_weights", "ensemble_noise", "WEIGHTINGS", "DIFFUSIONS"]

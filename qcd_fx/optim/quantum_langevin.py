@@ -32,16 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .population import (
-    EVAL_MODES,
-    Population,
-    PopulationOptimizer,
-    check_choice,
-    check_integer,
-    check_number,
-    closure_evaluate,
-    resolve_seed,
-)
+from .population import EVAL_MODES, Population, PopulationOptimizer, check_choice, check_integer, check_number, closure_evaluate, resolve_seed
 from .quantum_dynamics import WEIGHTINGS, boltzmann_weights
 
 ANNEALS = ("levels", "plateau")
@@ -278,11 +269,7 @@ class QuantumLangevin(PopulationOptimizer):
         return run
 
     def _load_own_state(self, run: dict[str, Any]) -> None:
-        self.seed, self.options, self.transitions = (
-            run["seed"],
-            dict(run["options"]),
-            run["transitions"],
-        )
+        self.seed, self.options, self.transitions = run["seed"], dict(run["options"]), run["transitions"]
         self._initialized = False
         if not run["initialized"]:
             return
@@ -295,15 +282,7 @@ class QuantumLangevin(PopulationOptimizer):
         self._velocity = run["velocity"].to(**cast).clone()
         self._pop.buffers = {k: v.to(lay.device).clone() for k, v in run["buffers"].items()}
         self._ema = run["ema"].cpu().clone()
-        for key in (
-            "sigma",
-            "level",
-            "best_ema",
-            "since_best",
-            "steps",
-            "best",
-            "buffers_stacked",
-        ):
+        for key in ("sigma", "level", "best_ema", "since_best", "steps", "best", "buffers_stacked"):
             setattr(self, "_" + key, run[key])
         self._gen = torch.Generator(device=lay.device)
         self._gen.set_state(run["generator"].clone())
