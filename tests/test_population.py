@@ -88,3 +88,30 @@ def test_a_resumed_run_continues_bit_for_bit(name):
         assert a == b
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+class _Aliased(nn.Module):
+    """A submodule reachable under two names (``alias`` is ``inner``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 2)
+        self.alias = self.inner
+
+    def forward(self, x):
+        return self.alias(torch.tanh(x))
+
+
+@pytest.mark.parametrize("evaluation", ["vmap", "loop"])
+def test_a_module_under_two_names_is_left_usable(evaluation):
+    torch.manual_seed(0)
+    model = _Aliased()
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    opt = QIMAD(model.parameters(), num_agents=3, seed=0, total_steps=4, evaluation=evaluation)
+    for _ in range(2):
+        opt.step(model=model, batch=batch, loss_fn=F.cross_entropy)
+    out = model(batch[0])  # plain tensors again, not vmap's batched ones
+    assert out.shape == (16, 2)
+    assert torch.isfinite(out).all()
+    F.cross_entropy(out, batch[1]).backward()  # and trainable as an ordinary module
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())

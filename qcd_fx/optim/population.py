@@ -10,9 +10,11 @@ Three pieces, usable on their own:
 * :class:`Population` — the ``(N, D)`` positions plus, optionally, per-agent copies of the model's
   buffers (BatchNorm running statistics: every agent is a whole copy of the model).
 * :class:`BatchedEvaluator` — loss (and gradient) of ``k`` positions on one batch. The ``vmap``
-  path runs the forward pass of all ``k`` copies at once with ``torch.func.functional_call`` under
-  ``torch.func.vmap`` over the stacked weights (the same arrangement as
-  ``torch.func.stack_module_state``, but with views into the ``(k, D)`` matrix instead of a copy)
+  path runs the forward pass of all ``k`` copies at once under ``torch.func.vmap`` over the stacked
+  weights (the same arrangement as ``torch.func.stack_module_state``, but with views into the
+  ``(k, D)`` matrix instead of a copy), which it puts into the modules' parameter (and buffer)
+  slots as ``torch.func.functional_call`` does, without its per-call name lookups
+  (``functional_call`` itself if the model no longer holds the parameters where they were found),
   and one reverse pass of ordinary autograd over the summed per-copy losses (the copies are
   independent, so this yields every copy's own gradient); measured faster than
   ``vmap(grad(...))`` on the digits MLP and CNN. The ``loop`` path runs the model once per copy
@@ -84,7 +86,7 @@ class FlatLayout:
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` (``(D,)`` or ``(k, D)``) shaped like the tensors (``(k, *shape)`` for a matrix)."""
         lead = tuple(flat.shape[:-1])
-        return [piece.view(lead + shape) for piece, shape in zip(flat.split(self.numels, dim=-1), self.shapes)]
+        return [piece.view(lead + shape) for piece, shape in zip(flat.split_with_sizes(self.numels, dim=-1), self.shapes)]
 
     def segment_ids(self) -> Tensor:
         """``(D,)`` index of the tensor each element belongs to (cached)."""
@@ -109,9 +111,40 @@ class FlatLayout:
         torch._foreach_copy_(list(tensors), self.views(flat))
 
 
+class ViewCache:
+    """Values derived from long-lived tensors — their rows, their per-parameter views — built once
+    per tensor instead of once per step (a view costs about a microsecond to make, and a QIMAD
+    step made some sixty: it matters on small networks, ``benchmarks/qimad_small.py``). Only for
+    tensors that live across steps (a swarm's positions and their spare, RMSProp state, a gradient
+    cache): an entry keeps its tensor alive until ``size`` newer entries have pushed it out, or
+    :meth:`clear`. A tensor must not be resized or re-pointed (``set_``, ``.data =``) while cached."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._entries: list[tuple[Tensor, str, Any]] = []
+
+    def get(self, tensor: Tensor, kind: str, make: Callable[[Tensor], Any]) -> Any:
+        """``make(tensor)``, computed the first time this ``tensor`` object is asked for ``kind``."""
+        for t, k, value in self._entries:
+            if t is tensor and k == kind:
+                return value
+        value = make(tensor)
+        self._entries.insert(0, (tensor, kind, value))
+        del self._entries[self.size :]
+        return value
+
+    def rows(self, tensor: Tensor) -> list[Tensor]:
+        """``list(tensor.unbind(0))``, cached."""
+        return self.get(tensor, "rows", lambda t: list(t.unbind(0)))
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class Population:
     """``N`` agents: positions ``(N, D)`` over a :class:`FlatLayout` of the optimized parameters,
-    and (once :meth:`stack_buffers` is called) per-agent copies of a model's buffers."""
+    and (once :meth:`stack_buffers` is called) per-agent copies of a model's buffers.
+    :attr:`cache` holds views of the long-lived matrices (see :class:`ViewCache`)."""
 
     def __init__(self, params: Sequence[Tensor], num_agents: int):
         if isinstance(num_agents, bool) or not isinstance(num_agents, int) or num_agents < 1:
@@ -126,6 +159,7 @@ class Population:
             device=self.layout.device,
         )
         self.buffers: dict[str, Tensor] = {}
+        self.cache = ViewCache()
 
     @torch.no_grad()
     def init_from_params(self, noise: float = 0.0, generator: torch.Generator | None = None) -> None:
@@ -149,7 +183,9 @@ class Population:
     @torch.no_grad()
     def load_agent(self, i: int, model: nn.Module | None = None) -> None:
         """Copy agent ``i``'s position into the parameters (and its buffers into ``model``, if stacked)."""
-        self.layout.copy_into(self.params, self.positions[i])
+        lay = self.layout
+        rows = self.cache.get(self.positions, "row_views", lambda t: [lay.views(row) for row in t.unbind(0)])
+        torch._foreach_copy_(self.params, rows[i])
         if model is not None and self.buffers:
             named = dict(model.named_buffers(remove_duplicate=False))
             for name, stack in self.buffers.items():
@@ -213,6 +249,20 @@ class BatchedEvaluator:
                 raise ValueError(f"optimizer parameter #{i} (shape {tuple(p.shape)}) is not a parameter of the model passed to step()")
             self.names.append(names[id(p)])
         self.randomness = randomness
+        # where each parameter lives: (owning module, attribute, the parameter, its index), once per
+        # module attribute (a module reached by two paths once; tied parameters once per module),
+        # and the module-tree edges leading there, checked before every use
+        self._edges: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        targets: dict[tuple[int, str], tuple[nn.Module, str, Tensor, int]] = {}
+        try:
+            for i, (p, aliases) in enumerate(zip(self.params, self.names)):
+                for name in aliases:
+                    owner, attr = self._owner(name)
+                    targets.setdefault((id(owner), attr), (owner, attr, p, i))
+            self._param_targets: list[tuple[nn.Module, str, Tensor, int]] | None = list(targets.values())
+        except (KeyError, AttributeError):  # not a plain module tree: functional_call resolves the names every call
+            self._param_targets = None
+        self._buffer_targets: tuple[tuple[str, ...], list[tuple[nn.Module, str]]] | None = None
         self._vmap_verified = False
         self.fallback_reason: str | None = None
         self.last_mode: str | None = None  # "vmap" or "loop": how the last call evaluated
@@ -222,6 +272,34 @@ class BatchedEvaluator:
 
     LOOP_MAX_COPIES = 2
     """``auto`` evaluates at most this many copies with the loop (vmap's fixed cost dominates there)."""
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        """The module holding the parameter or buffer ``name`` and its attribute; records the edges."""
+        prefix, _, attr = name.rpartition(".")
+        mod = self.model
+        for part in prefix.split(".") if prefix else ():
+            child = mod._modules[part]
+            self._edges[(id(mod), part)] = (mod, part, child)
+            mod = child
+        return mod, attr
+
+    def _direct_targets(self, buffers: dict[str, Tensor] | None) -> list[tuple[nn.Module, str]] | None:
+        """The buffers' ``(owning module, attribute)`` (cached per set of names) if the model still holds
+        every parameter and buffer where it was found; None otherwise (then functional_call resolves them)."""
+        if self._param_targets is None:
+            return None
+        names = tuple(buffers) if buffers else ()
+        if self._buffer_targets is None or self._buffer_targets[0] != names:
+            try:
+                self._buffer_targets = (names, [self._owner(name) for name in names])
+            except (KeyError, AttributeError):
+                return None
+        if not all(parent._modules.get(part) is child for parent, part, child in self._edges.values()):
+            return None
+        if not all(owner._parameters.get(attr) is p for owner, attr, p, _ in self._param_targets):
+            return None
+        slots = self._buffer_targets[1]
+        return slots if all(attr in owner._buffers for owner, attr in slots) else None
 
     def _param_dict(self, views: Sequence[Tensor]) -> dict[str, Tensor]:
         # every alias of a tied parameter is listed, so functional_call needs no tie detection
@@ -237,27 +315,31 @@ class BatchedEvaluator:
         buffers: dict[str, Tensor] | None = None,
         grad: bool = True,
         out: Tensor | None = None,
+        cache: ViewCache | None = None,
     ) -> Evaluation:
         """Evaluate ``loss_fn(model(*inputs), target)`` at each row of ``positions`` ``(k, D)``.
 
         ``buffers`` (optional) maps buffer names to ``(k, ...)`` per-copy values; they are used
         instead of the model's own and updated in place (BatchNorm running statistics).
         ``out`` (optional) is a ``(k, D)`` tensor the gradients are written into (a new one
-        otherwise); it is returned as ``Evaluation.grads``.
+        otherwise); it is returned as ``Evaluation.grads``. ``cache`` (optional): the per-tensor
+        views of ``positions`` (and ``out``) are kept there — pass one only where these tensors
+        live across calls (see :class:`ViewCache`).
         """
         if positions.dim() != 2 or positions.shape[1] != self.layout.dim:
             raise ValueError(f"positions must have shape (k, {self.layout.dim}), got {tuple(positions.shape)}")
         if out is not None and (tuple(out.shape) != tuple(positions.shape) or out.dtype != positions.dtype):
             raise ValueError(f"out must be a {positions.dtype} tensor of shape {tuple(positions.shape)}, got {out.dtype} {tuple(out.shape)}")
+        out_cache = cache if out is not None else None  # (a buffer made here lives for this call only)
         if grad and out is None:
             out = torch.empty_like(positions, memory_format=torch.contiguous_format)
         if self.mode == "loop" or (self.mode == "auto" and positions.shape[0] <= self.LOOP_MAX_COPIES):
             return self._loop(positions, inputs, target, loss_fn, buffers, grad, out)
         if self.mode == "vmap" or self._vmap_verified:
-            return self._vmap(positions, inputs, target, loss_fn, buffers, grad, out)
+            return self._vmap(positions, inputs, target, loss_fn, buffers, grad, out, cache, out_cache)
         trial = {k: v.clone() for k, v in buffers.items()} if buffers else buffers
         try:
-            result = self._vmap(positions, inputs, target, loss_fn, trial, grad, out)
+            result = self._vmap(positions, inputs, target, loss_fn, trial, grad, out, cache, out_cache)
         except Exception as e:  # noqa: BLE001 - any vmap failure: try the loop, which raises real errors
             result = self._loop(positions, inputs, target, loss_fn, buffers, grad, out)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -276,35 +358,68 @@ class BatchedEvaluator:
         self._vmap_verified = True
         return result
 
-    def _leaves(self, positions: Tensor, grad: bool) -> list[Tensor]:
+    def _leaves(self, positions: Tensor, grad: bool, cache: ViewCache | None = None) -> list[Tensor]:
+        if cache is not None and grad:  # leaves of a long-lived matrix: made once (a leaf is no graph node)
+            return cache.get(positions, "leaves", lambda t: [v.detach().requires_grad_(True) for v in self.layout.views(t.detach())])
         views = self.layout.views(positions.detach())
         return [v.detach().requires_grad_(grad) for v in views]
 
-    def _vmap(self, positions, inputs, target, loss_fn, buffers, grad, grads_out=None) -> Evaluation:
-        leaves = self._leaves(positions, grad)
+    def _vmap(self, positions, inputs, target, loss_fn, buffers, grad, grads_out=None, cache=None, out_cache=None) -> Evaluation:
+        leaves = self._leaves(positions, grad, cache)
         model = self.model
         args = _as_tuple(inputs)
 
-        def one(pdict: dict[str, Tensor], bdict: dict[str, Tensor]) -> Tensor:
-            out = functional_call(model, (pdict, bdict), args, strict=False, tie_weights=False)
-            loss = loss_fn(out, target)
+        def check(loss: Any) -> Tensor:
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn must return a scalar tensor (use a mean/sum reduction)")
             return loss
 
+        # The copies' weights go straight into the modules' _parameters / _buffers entries, where
+        # torch.func.functional_call puts them, without its per-call name resolution and pytree
+        # handling (~0.1 ms a call); functional_call where the model no longer holds the
+        # optimizer's parameters where they were found.
+        targets = self._param_targets
+        slots = self._direct_targets(buffers)
+        if slots is not None:
+            n_par = len(leaves)
+
+            def one(*tensors: Tensor) -> Tensor:
+                saved = []
+                try:
+                    for owner, attr, _, i in targets:
+                        d = owner._parameters
+                        saved.append((d, attr, d[attr]))
+                        d[attr] = tensors[i]
+                    for j, (owner, attr) in enumerate(slots):
+                        d = owner._buffers
+                        saved.append((d, attr, d[attr]))
+                        d[attr] = tensors[n_par + j]
+                    out = model(*args)
+                finally:
+                    for d, attr, orig in reversed(saved):
+                        d[attr] = orig
+                return check(loss_fn(out, target))
+
+        else:
+
+            def one(*tensors: Tensor) -> Tensor:
+                pdict = self._param_dict(tensors[: len(leaves)])
+                bdict = dict(zip(buffers or {}, tensors[len(leaves) :]))
+                return check(loss_fn(functional_call(model, (pdict, bdict), args, strict=False, tie_weights=False), target))
+
         with torch.set_grad_enabled(grad):
-            losses = vmap(one, in_dims=(0, 0), randomness=self.randomness)(self._param_dict(leaves), buffers or {})
+            losses = vmap(one, in_dims=0, randomness=self.randomness)(*leaves, *(buffers.values() if buffers else ()))
             grads = None
             if grad:
                 gs = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
                 grads = grads_out
-                self._gather_into(grads, gs)
+                self._gather_into(grads, gs, out_cache)
         self.last_mode = "vmap"
         return Evaluation(losses.detach(), grads, "vmap")
 
-    def _gather_into(self, out: Tensor, gs: Sequence[Tensor | None]) -> None:
+    def _gather_into(self, out: Tensor, gs: Sequence[Tensor | None], cache: ViewCache | None = None) -> None:
         """Per-tensor gradients into the flat ``out`` (``(D,)`` or ``(k, D)``): one strided copy each."""
-        views = self.layout.views(out)
+        views = cache.get(out, "views", self.layout.views) if cache is not None else self.layout.views(out)
         present = [(v, g) for v, g in zip(views, gs) if g is not None]
         if present:
             torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
@@ -546,6 +661,6 @@ class PopulationOptimizer(Optimizer):
 
 
 __all__ = [
-    "EVAL_MODES", "FlatLayout", "Population", "BatchedEvaluator", "Evaluation", "PopulationOptimizer", "closure_evaluate",
+    "EVAL_MODES", "FlatLayout", "ViewCache", "Population", "BatchedEvaluator", "Evaluation", "PopulationOptimizer", "closure_evaluate",
     "check_number", "check_integer", "check_choice", "check_flag", "resolve_seed",
 ]  # fmt: skip

@@ -31,7 +31,7 @@ What differs from the seed (each a defect found by running it; seeds README, ite
 
 * **Vectorised evaluation** — ``step(model=, batch=(inputs, target), loss_fn=)`` evaluates the
   agents with :class:`~qcd_fx.optim.population.BatchedEvaluator`: one ``torch.func.vmap``-ed
-  forward (``functional_call`` over the stacked agent weights) and one backward for all agents, or,
+  forward (over views of the stacked agent weights) and one backward for all agents, or,
   for convolutional models on CPU (vmap's grouped convolutions are slower) and for one or two
   agents per step, a loop that runs the model once per agent with its parameters pointed at the
   agent's row; vmap failures fall back to the loop with a warning.
@@ -278,6 +278,7 @@ class QIMAD(PopulationOptimizer):
         self._warned_cooling = False
         self._fused = hasattr(torch, "_fused_adam_")  # False after the kernel refused a call
         self._spare: Tensor | None = None  # the fused step's second (N, D) buffer
+        self._steps: Tensor | None = None  # the fused step's per-agent step counts (when all agents move)
         self.nonfinite_resets = 0
         self.tunnels = 0
 
@@ -454,6 +455,7 @@ class QIMAD(PopulationOptimizer):
         self._gen = torch.Generator(device=lay.device)
         self._gen.set_state(swarm["generator"].clone())
         self._spare = None
+        self._steps = None
         self._buffers_stacked = swarm["buffers_stacked"]
         self._initialized = True
 
@@ -498,7 +500,9 @@ class QIMAD(PopulationOptimizer):
         lo = to_eval[0]
         rows = slice(lo, lo + len(to_eval)) if to_eval == list(range(lo, lo + len(to_eval))) else None
         idx = None if rows is not None else torch.tensor(to_eval, device=lay.device)
-        pos_eval = pop.positions[rows] if rows is not None else pop.positions.index_select(0, idx)
+        # every agent: the matrices themselves, whose views the evaluator keeps in pop.cache
+        whole = rows is not None and len(to_eval) == n
+        pos_eval = pop.positions if whole else pop.positions[rows] if rows is not None else pop.positions.index_select(0, idx)
         in_cache = False
         snapshot = None
         if closure is not None:
@@ -514,8 +518,8 @@ class QIMAD(PopulationOptimizer):
             else:
                 bufs = {name: s.index_select(0, idx) for name, s in pop.buffers.items()}
             in_cache = self._grad_cache is not None and rows is not None
-            out = self._grad_cache[rows] if in_cache else None
-            ev = evaluator(pos_eval, batch[0], batch[1], loss_fn, buffers=bufs or None, out=out)
+            out = (self._grad_cache if whole else self._grad_cache[rows]) if in_cache else None
+            ev = evaluator(pos_eval, batch[0], batch[1], loss_fn, buffers=bufs or None, out=out, cache=pop.cache if whole else None)
             if rows is None:
                 for name, s in pop.buffers.items():
                     s.index_copy_(0, idx, bufs[name])
@@ -601,17 +605,20 @@ class QIMAD(PopulationOptimizer):
             # (m, N) @ (N, D) product over the pre-step positions.
             mix = [[0.0] * n for _ in movers]
             any_nb = False
+            gamma, pull_strength = g0["gamma"], g0["pull"]
             for r, i in enumerate(movers):
                 nb = self._neighbors[i]
                 if not nb:
                     continue
                 any_nb = True
-                wsum = sum(fid[i][j] for j in nb) + 1e-8
+                fid_i, row = fid[i], mix[r]
+                fsum = sum([fid_i[j] for j in nb])
+                wsum = fsum + 1e-8
                 for j in nb:
-                    mix[r][j] += g0["gamma"] * fid[i][j] / wsum
-                pull = g0["pull"] * uniforms[1][i]
-                mix[r][best] += pull
-                mix[r][i] -= pull + g0["gamma"] * sum(fid[i][j] for j in nb) / wsum
+                    row[j] += gamma * fid_i[j] / wsum
+                pull = pull_strength * uniforms[1][i]
+                row[best] += pull
+                row[i] -= pull + gamma * fsum / wsum
             mix_t = torch.tensor(mix, device=lay.device, dtype=lay.dtype) if any_nb else None
             # Tunnelling: evaluated, stagnating agents with neighbours jump with probability sin^2(alpha/2).
             jumps: list[tuple[int, Tensor]] = []
@@ -700,12 +707,23 @@ class QIMAD(PopulationOptimizer):
             new = pos.index_select(0, m_dev)
             if mix_t is not None:
                 new.addmm_(mix_t, pos)
-        g_rows = list(fresh_grads.unbind(0)) if self._grad_cache is None else [self._grad_cache[i] for i in movers]
-        steps = list(torch.tensor([float(self._rms_steps[i]) for i in movers], device=pos.device).unbind(0))
+        steps_now = [float(self._rms_steps[i]) for i in movers]
+        if all_move:  # rows of the long-lived matrices: cached (pop.cache), not re-made every step
+            rows = pop.cache.rows
+            new_rows, v_rows = rows(new), rows(self._rms)
+            g_rows = list(fresh_grads.unbind(0)) if self._grad_cache is None else rows(self._grad_cache)
+            if self._steps is None or self._steps.dtype != torch.get_default_dtype() or self._steps.device != pos.device:
+                self._steps = torch.zeros(len(movers), device=pos.device)
+            self._steps.copy_(torch.tensor(steps_now))
+            steps = rows(self._steps)
+        else:
+            new_rows, v_rows = list(new.unbind(0)), [self._rms[i] for i in movers]
+            g_rows = list(fresh_grads.unbind(0)) if self._grad_cache is None else [self._grad_cache[i] for i in movers]
+            steps = list(torch.tensor(steps_now, device=pos.device).unbind(0))
         try:
             # exp_avg aliases the gradient: with beta1 = 0 the kernel writes exp_avg = g, the value it holds.
             torch._fused_adam_(
-                list(new.unbind(0)), g_rows, g_rows, [self._rms[i] for i in movers], [], steps, lr=lr, beta1=0.0,
+                new_rows, g_rows, g_rows, v_rows, [], steps, lr=lr, beta1=0.0,
                 beta2=rho, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
             )  # fmt: skip
         except (RuntimeError, NotImplementedError, TypeError) as e:
