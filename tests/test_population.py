@@ -115,3 +115,19 @@ def test_a_module_under_two_names_is_left_usable(evaluation):
     assert torch.isfinite(out).all()
     F.cross_entropy(out, batch[1]).backward()  # and trainable as an ordinary module
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_a_subclass_without_its_state_methods_is_refused_when_defined():
+    with pytest.raises(TypeError, match="must set state_key and define _own_state, _load_own_state"):
+
+        class Half(PopulationOptimizer):
+            state_key = "half"
+
+    with pytest.raises(TypeError, match="must set state_key"):
+
+        class Keyless(PopulationOptimizer):
+            def _own_state(self):
+                return {}
+
+            def _load_own_state(self, own):
+                pass

@@ -566,6 +566,13 @@ class PopulationOptimizer(Optimizer):
     _evaluator: BatchedEvaluator | None = None
     _evaluator_model: int | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass is complete at definition: its state key and its own-state methods exist."""
+        super().__init_subclass__(**kwargs)
+        missing = [m for m in ("_own_state", "_load_own_state") if not callable(getattr(cls, m, None))]
+        if not cls.state_key or missing:
+            raise TypeError(f"{cls.__name__} must set state_key and define {', '.join(missing) or 'its state methods'}")
+
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
@@ -634,12 +641,6 @@ class PopulationOptimizer(Optimizer):
         if len(set(lrs)) == 1:
             return lrs[0]
         return layout.per_element(lrs)
-
-    def _own_state(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _load_own_state(self, own: dict[str, Any]) -> None:
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
