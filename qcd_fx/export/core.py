@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -8,17 +9,20 @@ import time
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..analysis import eval_no_grad, tensor_leaves
-from ..errors import ExportError, UsageError, first_line
+from ..errors import ExportError, UsageError, first_line, require
 from ..io import atomic_path
-from .diagnose import _chain, _is_batch_constraint, _ort_failure, _ts_reason, describe_failure
+from .diagnose import _chain, _is_batch_constraint, _ort_failure, _ts_reason, _where_in_source, data_dependent, describe_failure
 from .exporters import _capture_inputs, _dynamo_export, _quiet_loggers, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
-from .signature import _as_inputs, _second_batch, input_names, output_names
-from .verify import _feed, compare_outputs, onnxruntime_session, weights_as_inputs
+from .signature import _as_inputs, _second_batch, _value_variants, input_names, output_names
+from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, onnxruntime_session, weights_as_inputs
 from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer
+
+ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # the `onnx` extra
 
 
 def _timed(timings: dict[str, float], key: str):
@@ -45,6 +49,8 @@ def export_onnx(
     rtol: float = DEFAULT_RTOL,
     check_batch: int | None = None,
     fallback: bool = True,
+    float64_factor: float = FLOAT64_FACTOR,
+    verbose: bool = False,
 ) -> ExportReport:
     """Export ``gm`` to ONNX at ``path`` for inference and (``check``) verify it.
 
@@ -56,10 +62,18 @@ def export_onnx(
         dynamic_batch: make axis 0 of every input whose axis 0 equals the first input's a
             symbolic ``batch`` axis.
         opset: ONNX opset (default: the exporter's, 20 for torch 2.14's dynamo exporter).
-        check: run ``onnx.checker`` and compare onnxruntime with PyTorch on the example inputs
-            and on a second batch size (``check_batch``, default batch + 1); a mismatch beyond
-            ``atol`` absolute *and* ``rtol`` relative to the output's magnitude raises.
-        fallback: if the dynamo exporter fails, try the TorchScript exporter.
+        check: run ``onnx.checker`` and compare onnxruntime with PyTorch on the example inputs,
+            on a second batch size (``check_batch``, default batch + 1) and on variants of the
+            example with other signs and scales (all positive, all negative, ten times larger:
+            a value-dependent branch traced one way shows up there). A mismatch beyond ``atol``
+            absolute *and* ``rtol`` relative to the output's magnitude is judged against a
+            float64 run of the model: the file passes only if onnxruntime's error is at most
+            ``float64_factor`` (2) times PyTorch's own float32 error (both numbers are in the
+            report; 0 turns this judgement off); else it raises.
+        fallback: if the dynamo exporter fails, try the TorchScript exporter — not when it
+            failed because the result depends on a tensor's value (a trace would keep one branch),
+            and the TorchScript trace is refused if it converts a tensor to a Python ``bool``.
+        verbose: let torch's own logs and graph dumps through (the CLI's ``--debug``).
 
     Returns:
         An :class:`ExportReport`. ``timings`` holds seconds per step: ``reference`` (eager
@@ -69,6 +83,7 @@ def export_onnx(
     Raises:
         ExportError: one line naming the unsupported operator and the node, or the mismatch.
     """
+    require(ONNX_MODULES, "onnx", "ONNX export")
     import onnx
 
     t_start = time.perf_counter()
@@ -76,6 +91,8 @@ def export_onnx(
     inputs = _as_inputs(example_inputs)
     if opset is not None and not (7 <= int(opset) <= onnx.defs.onnx_opset_version()):
         raise UsageError(f"opset {opset} is outside what this onnx supports (7..{onnx.defs.onnx_opset_version()})")
+    if not (float64_factor >= 0 and math.isfinite(float64_factor)):
+        raise UsageError(f"float64_factor must be a finite number >= 0, got {float64_factor}")
     if check_batch is not None and check_batch < 1:
         raise UsageError(f"check_batch must be >= 1, got {check_batch}")
     model_name = type(gm).__name__
@@ -98,7 +115,7 @@ def export_onnx(
             warnings.simplefilter("always")
             with _timed(timings, "export"):
                 try:
-                    with _quiet_loggers():
+                    with _quiet_loggers(verbose):
                         program = _dynamo_export(gm, _capture_inputs(inputs, dynamic_batch), names_in, names_out, dynamic_batch, opset, timings)
                 except ExportError:  # qcd-fx's own refusal (an unsupported onnxscript): no fallback
                     raise
@@ -108,6 +125,12 @@ def export_onnx(
                     if _is_batch_constraint(e) and dynamic_batch:
                         raise ExportError(
                             f"the batch axis of {model_name}'s inputs cannot be dynamic ({first_line(_chain(e)[-1])}); export with a static batch (dynamic_batch=False, --static-batch)"
+                        ) from e
+                    value_dependent = data_dependent(e, gm)
+                    if value_dependent is not None:
+                        raise ExportError(
+                            f"{model_name} cannot be exported faithfully: its result depends on a tensor's value {value_dependent}; "
+                            "a traced ONNX file would keep only the path the example input takes (use torch.where or torch.cond there)"
                         ) from e
                     if not fallback:
                         raise ExportError(f"ONNX export of {model_name} failed: {reason}") from e
@@ -130,13 +153,19 @@ def export_onnx(
                 with warnings.catch_warnings(record=True) as caught2, _timed(timings, "export"):
                     warnings.simplefilter("always")
                     try:
-                        with _quiet_loggers():
-                            _torchscript_export(gm, inputs, names_in, names_out, dynamic_batch, opset, ts_path)
+                        with _quiet_loggers(verbose):
+                            _torchscript_export(gm, inputs, names_in, names_out, dynamic_batch, opset, ts_path, verbose)
                     except Exception as e:
                         ts_reason = _ts_reason(e)
                         raise ExportError(
                             f"ONNX export of {model_name} failed: {fallback_reason}; the TorchScript exporter fails too ({ts_reason})"
                         ) from dynamo_error
+                branch = next((w for w in caught2 if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)), None)
+                if branch is not None:
+                    raise ExportError(
+                        f"{model_name} cannot be exported faithfully: it branches on a tensor's value at {_where_in_source(branch.filename, branch.lineno)}; "
+                        f"the TorchScript trace would keep only the branch the example input takes (the dynamo exporter failed: {fallback_reason})"
+                    ) from dynamo_error
                 warning_lines += sorted({first_line(str(w.message)) for w in caught2} - set(warning_lines))
                 with _timed(timings, "serialize"):
                     if os.path.getsize(ts_path) > _PROTO_LIMIT or os.listdir(tmp_dir) != ["model.onnx"]:
@@ -163,6 +192,7 @@ def export_onnx(
                 check_batch,
                 atol,
                 rtol,
+                float64_factor,
                 timings,
                 exporter,
             )
@@ -177,7 +207,24 @@ def export_onnx(
 
 
 def _write_and_check(
-    program, proto, data, external, path, gm, inputs, reference, names_in, names_out, dynamic_batch, check, check_batch, atol, rtol, timings, exporter
+    program,
+    proto,
+    data,
+    external,
+    path,
+    gm,
+    inputs,
+    reference,
+    names_in,
+    names_out,
+    dynamic_batch,
+    check,
+    check_batch,
+    atol,
+    rtol,
+    float64_factor,
+    timings,
+    exporter,
 ) -> ExportReport:
     import onnx
 
@@ -262,15 +309,23 @@ def _write_and_check(
                     session = onnxruntime_session(target_for_checks)
                 except Exception as e:
                     raise ExportError(f"onnxruntime cannot load the exported {type(gm).__name__}: {_ort_failure(e, proto, gm)}") from e
-            batches = [(inputs, tensor_leaves(reference))]
+            batches = [("example", inputs, tensor_leaves(reference))]
             batch = inputs[0].shape[0] if inputs[0].dim() >= 1 else None
             if any(dynamic) and batch is not None:
                 b2 = check_batch or batch + 1
                 if b2 != batch:
                     second = _second_batch(inputs, dynamic, b2)
                     with _timed(timings, "reference"):
-                        batches.append((second, tensor_leaves(gm(*second))))
-            for batch_inputs, expected in batches:
+                        batches.append((f"batch {b2}", second, tensor_leaves(gm(*second))))
+            for label, variant in _value_variants(inputs):
+                with _timed(timings, "reference"):
+                    try:
+                        expected = tensor_leaves(gm(*variant))
+                    except Exception:  # PyTorch itself cannot take these values: nothing to compare
+                        continue
+                batches.append((label, variant, expected))
+            exact = Float64Reference(gm)
+            for label, batch_inputs, expected in batches:
                 with _timed(timings, "onnxruntime"):
                     try:
                         got = session.run(None, _feed(session, batch_inputs))
@@ -279,11 +334,24 @@ def _write_and_check(
                 with _timed(timings, "compare"):
                     b = batch_inputs[0].shape[0] if batch_inputs[0].dim() >= 1 else None
                     parity = compare_outputs(got, expected, report.output_names, atol, rtol, b)
+                    parity.inputs = label
+                if not parity.ok and float64_factor > 0:
+                    with _timed(timings, "float64"):
+                        errors = exact.errors(batch_inputs, got, expected)
+                    if errors is not None:
+                        parity.float64_torch, parity.float64_onnx = errors
+                        parity.ok = errors[1] <= max(float64_factor * errors[0], atol)
                 report.parity.append(parity)
                 if not parity.ok:
+                    where = "the example inputs" if label == "example" else f"inputs {label}"
+                    judged = (
+                        f"; against a float64 run onnxruntime's error is {parity.float64_onnx:.3g}, PyTorch's own {parity.float64_torch:.3g}"
+                        if parity.float64_onnx is not None
+                        else ""
+                    )
                     raise ExportError(
                         f"onnxruntime output '{parity.worst_output}' differs from PyTorch by {parity.max_abs:.3g} "
-                        f"(relative {parity.max_rel:.3g}; tolerance {atol:g} absolute or {rtol:g} relative) at batch {b}; the file was not written"
+                        f"(relative {parity.max_rel:.3g}; tolerance {atol:g} absolute or {rtol:g} relative) on {where} (batch {b}){judged}; the file was not written"
                     )
             del session
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import linecache
 import os
@@ -145,6 +146,42 @@ def describe_failure(e: BaseException, gm: nn.Module) -> str:
         return f"no ONNX implementation of operator '{op.removesuffix('.default')}'{origin}{node_text}"
     inner = _chain(e)[-1]
     return f"{type(inner).__name__}{node_text}: {first_line(inner)}"
+
+
+_USER_FRAME = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)(?:\n[ \t]+(\S.*))?')
+_EXECUTING = re.compile(r"While executing %(\w+)")
+
+
+def _where_in_source(filename: str, line: int, code: str | None = None) -> str:
+    """``file.py:12 (`the line`)`` with the file relative to the current directory when inside it."""
+    shown = filename
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(filename)
+        if not rel.startswith(".."):
+            shown = rel
+    code = (code or linecache.getline(filename, line)).strip()
+    return f"{shown}:{line}" + (f" (`{code}`)" if code else "")
+
+
+def data_dependent(e: BaseException, gm: nn.Module) -> str | None:
+    """If ``torch.export`` failed because the computation depends on a tensor's *value* (Python
+    control flow on a tensor, ``.item()`` feeding a shape, …), where that happens, in one phrase;
+    else None. A traced file of such a model would keep the one path the example input takes."""
+    chain = _chain(e)
+    if not any(type(x).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException") or "data-dependent" in str(x) for x in chain):
+        return None
+    where, node = "", None
+    for exc in chain:
+        text = str(exc)
+        m = _USER_FRAME.search(text)
+        if m and not where:
+            where = " at " + _where_in_source(m.group(1), int(m.group(2)), m.group(4))
+        n = _EXECUTING.search(text)
+        if n and node is None and isinstance(gm, torch.fx.GraphModule) and any(x.name == n.group(1) for x in gm.graph.nodes):
+            node = n.group(1)
+    if node:
+        where += f" in graph node {_describe_node(gm, node)}"
+    return where.strip() or "in the model"
 
 
 def _is_batch_constraint(e: BaseException) -> bool:

@@ -35,18 +35,24 @@ _NOISY_LOGGERS = ("torch._guards", "torch._dynamo", "torch.export", "torch._expo
 
 
 @contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    """torch.export logs failed guards with tracebacks at ERROR level before raising; the
-    exception carries the same information, so keep the log quiet during export."""
+def _quiet_loggers(verbose: bool = False) -> Iterator[None]:
+    """torch.export logs failed guards with tracebacks at ERROR level, and prints its graphs on
+    stderr, before raising; the exception carries the same information, so keep both quiet
+    during export (``verbose``: let them through, for ``--debug``)."""
+    import io
     import logging
 
+    if verbose:
+        yield
+        return
     saved = []
     for name in _NOISY_LOGGERS:
         logger = logging.getLogger(name)
         saved.append((logger, logger.level))
         logger.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for logger, level in saved:
             logger.setLevel(level)
@@ -107,14 +113,14 @@ def _dynamo_export(module, inputs, names_in, names_out, dynamic_batch, opset, ti
     return program
 
 
-def _torchscript_export(module, inputs, names_in, names_out, dynamic_batch, opset, tmp_path):
+def _torchscript_export(module, inputs, names_in, names_out, dynamic_batch, opset, tmp_path, verbose=False):
     axes = None
     if dynamic_batch:
         axes = {n: {0: "batch"} for n, dyn in zip(names_in, _batch_inputs(inputs)) if dyn}
         axes.update({n: {0: "batch"} for n in names_out})
     log_was = torch._C._jit_is_onnx_log_enabled()
     try:
-        with _captured_output():
+        with contextlib.nullcontext() if verbose else _captured_output():
             torch.onnx.export(
                 module,
                 inputs,

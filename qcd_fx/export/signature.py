@@ -108,3 +108,30 @@ def _second_batch(inputs: tuple, dynamic: list[bool], batch: int, seed: int = 1)
             idx = torch.arange(batch) % t.shape[0]
             out.append(t[idx])
     return tuple(out)
+
+
+def _value_variants(inputs: tuple, seed: int = 3) -> list[tuple[str, tuple]]:
+    """Inputs of the example's shapes with other statistics, for parity: all positive, all
+    negative, and ten times larger. A file traced along one branch of a value-dependent
+    ``if`` (or with a value baked in as a constant) differs from PyTorch on some of them.
+    Only floating-point inputs change (indices and masks keep their valid values); none if
+    there are none. An all-zero input is replaced by seeded normal values first."""
+    if not any(t.is_floating_point() for t in inputs):
+        return []
+    gen = torch.Generator().manual_seed(seed)
+
+    def base(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() and bool(t.abs().max() > 0):
+            return t
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+    bases = [base(t) if t.is_floating_point() else t for t in inputs]
+
+    def apply(fn) -> tuple:
+        return tuple(fn(b) if t.is_floating_point() else t for t, b in zip(inputs, bases))
+
+    return [
+        ("|x|", apply(lambda b: b.abs())),
+        ("-|x|", apply(lambda b: -b.abs())),
+        ("10x", apply(lambda b: b * 10)),
+    ]

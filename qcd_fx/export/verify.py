@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..analysis import tensor_leaves
 from ..errors import ExportError
 from .report import BatchParity
 
@@ -76,3 +77,47 @@ def weights_as_inputs(proto, limit: int = 1024):
     graph.initializer.extend(small)
     graph.input.extend(typed)
     return proto
+
+
+FLOAT64_FACTOR = 2.0  # onnxruntime may be this many times PyTorch's own float32 error (vs float64)
+
+
+class Float64Reference:
+    """The module run in float64, to judge a float32 mismatch against the error PyTorch itself
+    makes: random-init deep networks (efficientnetv2) have logits near 1e3 where PyTorch float32
+    and onnxruntime each differ from the exact result by units. Built on first use (a copy of
+    the module); :meth:`errors` is None when the module cannot run in float64."""
+
+    def __init__(self, module):
+        self.module = module
+        self.copy = None
+        self.failed = False
+
+    def errors(self, inputs: Sequence[torch.Tensor], ort_outputs: Sequence[Any], torch_outputs: Sequence[torch.Tensor]) -> tuple[float, float] | None:
+        """(max |PyTorch float32 - float64|, max |onnxruntime - float64|) over floating outputs."""
+        import copy
+
+        if self.failed:
+            return None
+        try:
+            if self.copy is None:
+                self.copy = copy.deepcopy(self.module).double()
+            with torch.no_grad():
+                exact = tensor_leaves(self.copy(*(t.double() if t.is_floating_point() else t for t in inputs)))
+        except Exception:  # an op without float64 kernels, a dtype check in the model: no judgement
+            self.failed = True
+            return None
+        if len(exact) != len(torch_outputs):
+            return None
+        torch_err = onnx_err = 0.0
+        for o, r, x in zip(ort_outputs, torch_outputs, exact):
+            if not r.is_floating_point():
+                continue
+            o = torch.as_tensor(o).double()
+            finite = torch.isfinite(x)
+            if o.shape != x.shape or not bool((finite == torch.isfinite(o)).all()):
+                return None
+            if finite.any():
+                torch_err = max(torch_err, float((r.double() - x)[finite].abs().max()))
+                onnx_err = max(onnx_err, float((o - x)[finite].abs().max()))
+        return torch_err, onnx_err
