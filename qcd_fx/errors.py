@@ -44,6 +44,10 @@ class InputShapeError(QcdFxError):
     """The example inputs do not fit the model."""
 
 
+class ModelRunError(QcdFxError):
+    """The model fails on the example inputs for a reason other than their shapes."""
+
+
 class PassError(QcdFxError):
     """Base of the errors a pass raises; names the pass and, where known, the node."""
 
@@ -68,3 +72,51 @@ class ExportError(QcdFxError):
 
 class TrainingError(QcdFxError):
     """Training failed (e.g. the loss became non-finite)."""
+
+
+class MissingExtraError(QcdFxError):
+    """An optional dependency (a ``qcd-fx[extra]``) is not installed."""
+
+
+def require(modules: str | tuple[str, ...], extra: str, what: str) -> None:
+    """Raise :class:`MissingExtraError` naming the ``pip install`` line if a module of ``modules``
+    cannot be found — before any work, without importing it."""
+    import importlib.util
+
+    for module in (modules,) if isinstance(modules, str) else modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtraError(f"{what} needs {module}, which is not installed: pip install 'qcd-fx[{extra}]'")
+
+
+class OutOfMemoryError(QcdFxError):
+    """An allocation failed: the inputs or the model need more memory than there is."""
+
+
+_ALLOC_PATTERNS = (
+    re.compile(r"(?:tried to allocate|allocate memory: you tried to allocate) (\d+) bytes", re.I),
+    re.compile(r"Tried to allocate ([\d.]+) ([KMGT]i?B)", re.I),
+)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a failed allocation (Python's, PyTorch's CPU or CUDA allocator)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "alloc_cpu" in text or "can't allocate memory" in text or "out of memory" in text.lower() or "DefaultCPUAllocator" in text
+    )
+
+
+def allocation_size(e: BaseException) -> str:
+    """`` (12.3 GB)`` when the allocator's message says how much it tried, else empty."""
+    text = str(e)
+    m = _ALLOC_PATTERNS[0].search(text)
+    if m:
+        return f" ({int(m.group(1)) / 1e9:.3g} GB)"
+    m = _ALLOC_PATTERNS[1].search(text)
+    return f" ({m.group(1)} {m.group(2)})" if m else ""

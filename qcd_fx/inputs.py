@@ -8,11 +8,12 @@ extra calibration batches from seed 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from .errors import UsageError
+from .errors import OutOfMemoryError, UsageError, out_of_memory
 
 KNOWN_DATA = ("digits",)
 
@@ -32,7 +33,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def example_inputs(shapes: Sequence[Sequence[int]], seed: int = 0) -> tuple[torch.Tensor, ...]:
     """One float tensor ~ N(0, 1) per shape, from a generator seeded with ``seed``."""
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(tuple(s), generator=gen) for s in shapes)
+    out = []
+    for s in shapes:
+        try:
+            out.append(torch.randn(tuple(s), generator=gen))
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            gb = math.prod(int(d) for d in s) * 4 / 1e9
+            raise OutOfMemoryError(f"not enough memory for an example input of shape {'x'.join(map(str, s))} ({gb:.3g} GB of float32)") from None
+    return tuple(out)
 
 
 def calibration_batches(inputs: tuple[torch.Tensor, ...], count: int, data: str | None = None) -> list[tuple[torch.Tensor, ...]]:

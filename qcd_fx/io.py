@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import safe_graph
-from .errors import ModelLoadError, UnsafeLoadError, UsageError, first_line
+from .errors import ModelLoadError, UnsafeLoadError, UsageError, first_line, require
 
 FORMAT = safe_graph.FORMAT
 DEFAULT_ALLOW = safe_graph.DEFAULT_ALLOW
@@ -88,7 +88,64 @@ def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.Path
         raise UsageError(f"{what} {path!r} is a directory; give a file name")
     if os.path.exists(path) and not force:
         raise UsageError(f"{what} {path!r} exists; pass --force to overwrite it or choose another path")
+    _probe(path, directory, what)
     return path
+
+
+def _probe(path: str, directory: str, what: str) -> None:
+    """Create (and remove) a temporary file where ``path``'s would go: a location that cannot be
+    written fails here, before any work, naming the user's path rather than a temporary one."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{os.path.basename(path)}", dir=directory)
+    except OSError as e:
+        raise UsageError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+class OutputFiles:
+    """Several output files, written all or none.
+
+    :meth:`reserve` each path before the work: its temporary file is created beside it at once
+    (a location that cannot be written fails then, naming the user's path). Write each output to
+    the temporary path ``reserve`` returned; :meth:`commit` renames them all into place. Leaving
+    the ``with`` block without ``commit`` (an error, an interrupt) removes every temporary file
+    and leaves existing files as they were.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, str]] = []
+
+    def reserve(self, path: str | os.PathLike, what: str = "output") -> str:
+        path = os.fspath(path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{os.path.basename(path)}", dir=os.path.dirname(os.path.abspath(path)))
+        except OSError as e:
+            raise UsageError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+        os.close(fd)
+        self._pending.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path in self._pending:
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._pending.clear()
+
+    def __enter__(self) -> OutputFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +160,9 @@ def load_model(
     allow: Iterable[str] = (),
 ) -> nn.Module:
     """Load a model from ``source`` (see module docstring). Errors are :class:`ModelLoadError`."""
-    if source.startswith("torchvision:"):
-        model = _torchvision_model(source.split(":", 1)[1])
+    if source.startswith(("torchvision:", "timm:")):
+        kind, name = source.split(":", 1)
+        model = _torchvision_model(name) if kind == "torchvision" else _timm_model(name)
         if weights:
             load_weights(model, weights)
         return model
@@ -114,8 +172,40 @@ def load_model(
             load_weights(model, weights)
         return model
     if weights:
-        raise UsageError("--weights applies to a torchvision:NAME or package.module:factory model, not to a model file")
+        raise UsageError("--weights applies to a torchvision:NAME, timm:NAME or package.module:factory model, not to a model file")
     return load(source, trust_pickle=trust_pickle, allow=allow)
+
+
+def _timm_model(name: str) -> nn.Module:
+    """A timm model with random weights (``pretrained=False``: nothing is downloaded)."""
+    require("timm", "timm", "timm:NAME models")
+    import timm
+
+    names = timm.list_models()
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ModelLoadError(f"timm has no model '{name}'{hint}; see timm.list_models()")
+    try:
+        return timm.create_model(name, pretrained=False)
+    except Exception as e:
+        raise ModelLoadError(f"timm cannot build '{name}': {type(e).__name__}: {first_line(e)}") from None
+
+
+def input_shape_of(model: nn.Module, source: str) -> list[tuple[int, ...]] | None:
+    """The default example input shape (batch 1) of a model from ``torchvision:``/``timm:``."""
+    if source.startswith("torchvision:"):
+        from .zoo import input_size
+
+        size = input_size(source.split(":", 1)[1])
+        return [(1, 3, size, size)]
+    if source.startswith("timm:"):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size") or cfg.get("test_input_size")
+        return [(1, *size)] if size else None
+    return None
 
 
 def _torchvision_model(name: str) -> nn.Module:
@@ -137,21 +227,59 @@ def _torchvision_model(name: str) -> nn.Module:
         return tvm.get_model(name, weights=None)
 
 
+@contextlib.contextmanager
+def cwd_importable(first: bool, only: Iterable[str] | None = None) -> Iterator[None]:
+    """The current directory importable for the block, as ``python -m`` makes it: modules beside
+    the user (``mymodels.py``) import the same way for ``module:factory``, a pickled file
+    (``--trust-pickle``) and ``--allow mymodels``. ``first``: ahead of installed packages (a
+    module the user named); else after them, so a file in the directory never shadows one.
+    ``only``: just these top-level names come from the directory (a safe file's ``--allow``
+    packages; nothing else it names can be picked up from there)."""
+    cwd = os.getcwd()
+    if only is not None:
+        names = {n.split(".")[0] for n in only}
+        finder = _DirectoryFinder(cwd, names)
+        sys.meta_path.append(finder)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(finder)
+        return
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd) if first else sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+class _DirectoryFinder:
+    """Finds the top-level modules ``names`` (and their submodules) in ``directory`` only."""
+
+    def __init__(self, directory: str, names: set[str]):
+        self.directory, self.names = directory, names
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] not in self.names or "." in fullname:
+            return None  # submodules are found through their package's __path__
+        from importlib.machinery import PathFinder
+
+        return PathFinder.find_spec(fullname, [self.directory])
+
+
 def _factory_model(source: str) -> nn.Module:
     module_name, attr = source.split(":", 1)
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        with cwd_importable(first=True):
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise ModelLoadError(f"cannot import '{module_name}' for model {source!r}: {e}") from None
     except Exception as e:
         raise ModelLoadError(f"importing '{module_name}' failed: {type(e).__name__}: {e}") from e
-    finally:
-        if added:
-            sys.path.remove(cwd)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -291,6 +419,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
     :class:`UnsafeLoadError`; a truncated or inconsistent one :class:`ModelLoadError`.
     """
     path = os.fspath(path)
+    allow = [allow] if isinstance(allow, str) else list(allow)
     policy = _policy(allow)
     try:
         obj = _torch_load_safe(path, "model file")
@@ -298,7 +427,8 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
         if not trust_pickle:
             raise
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            with cwd_importable(first=False):
+                obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise ModelLoadError(f"model file {path!r} could not be unpickled ({type(e).__name__}: {first_line(e)})") from None
         if not isinstance(obj, nn.Module):
@@ -309,7 +439,8 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
         return obj
     if isinstance(obj, dict) and obj.get("format") == safe_graph.FORMAT:
         try:
-            gm = safe_graph.decode(obj, policy)
+            with cwd_importable(first=False, only=allow):
+                gm = safe_graph.decode(obj, policy)
         except safe_graph.Refused as e:
             raise UnsafeLoadError(f"model file {path!r} is refused: {e}") from None
         except safe_graph.Malformed as e:

@@ -63,20 +63,22 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self):
-        """A ``rich.table.Table`` with one row per pass (plus the baseline)."""
-        from rich.markup import escape
+        """A ``rich.table.Table`` with one row per pass (plus the baseline). Cells are plain text
+        (a spec like ``csc{target=[foo*]}`` is shown as written, not read as Rich markup)."""
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(title=escape(f"qcd-fx transform: {self.model}  [{self.pipeline}]"), title_justify="left")
-        for col in ("pass", "nodes +/-", "params", "MACs", "drift (max abs)", "pass s", "verify s"):
-            t.add_column(col, justify="left" if col == "pass" else "right")
+        t = Table(title=Text(f"qcd-fx transform: {self.model}  [{self.pipeline}]"), title_justify="left")
+        for col in ("pass", "changed", "nodes +/-", "params", "MACs", "drift (max abs)", "pass s", "verify s"):
+            t.add_column(col, justify="left" if col in ("pass", "changed") else "right", no_wrap=col != "changed")
         b = self.baseline
-        t.add_row("(input)", str(b.nodes), _num(b.params), _num(b.macs), "", "", "")
+        t.add_row("(input)", "", str(b.nodes), _num(b.params), _num(b.macs), "", "", "")
         prev = b
         for r in self.passes:
             a = r.after
             t.add_row(
-                r.spec,
+                Text(r.spec),
+                Text(changes(r.stats)),
                 f"+{r.nodes_added}/-{r.nodes_removed}",
                 f"{_num(a.params)} {_pct(a.params, prev.params)}",
                 f"{_num(a.macs)} {_pct(a.macs, prev.macs)}",
@@ -100,6 +102,25 @@ class Report:
             console.print(f"  note: {n}", markup=False, highlight=False)
         if len(notes) > max_notes:
             console.print(f"  … {len(notes) - max_notes} more notes in the JSON report (--report FILE.json)")
+
+
+def changes(stats: dict[str, Any], widths_shown: int = 3) -> str:
+    """What a pass changed, in a few words, from its ``stats``: gates and masks inserted, groups
+    and channels pruned with the first few new widths (all of them are in the JSON report)."""
+    parts = []
+    if stats.get("gates"):
+        parts.append(f"{stats['gates']} gate{'s' if stats['gates'] != 1 else ''}")
+    if stats.get("masks"):
+        parts.append(f"{stats['masks']} mask{'s' if stats['masks'] != 1 else ''}")
+    if stats.get("branches_removed"):
+        parts.append(f"{stats['branches_removed']} branch(es) removed")
+    if "groups" in stats:
+        parts.append(f"{stats.get('groups_pruned', 0)}/{stats['groups']} groups pruned, -{stats.get('channels_removed', 0)} channels")
+        widths = [(name.split(" (", 1)[0], w) for name, w in (stats.get("widths") or {}).items() if w[0] != w[1]]
+        shown = ", ".join(f"{name} {w[0]}->{w[1]}" for name, w in widths[:widths_shown])
+        if shown:
+            parts.append(shown + (f", +{len(widths) - widths_shown} more" if len(widths) > widths_shown else ""))
+    return "; ".join(parts)
 
 
 def _num(n: int | None) -> str:

@@ -301,7 +301,7 @@ class Policy:
             raise Refused(f"module class '{qualname}' is not one of torch.nn's layers")
         cls = _import(qualname)
         if cls is None:
-            raise Refused(f"module class '{qualname}' cannot be imported here")
+            raise Refused(f"module class '{qualname}' cannot be imported here (is '{parts[0]}' installed, or in the current directory?)")
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, (GraphModule, torch.jit.ScriptModule)):
             raise Refused(f"'{qualname}' is not an nn.Module layer class the format allows")
         return cls

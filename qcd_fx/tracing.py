@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
 import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Tracer
 from torch.fx.graph import CodeGen
 
-from .errors import TraceError
+from .errors import TraceError, UsageError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -109,6 +112,88 @@ def fast_module_access(gm: GraphModule) -> GraphModule:
     return gm
 
 
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _state_containers(model: nn.Module):
+    """(owner, key, value) for every plain attribute of every submodule, and the containers
+    (dict, list) among them: what a forward may write to (caches such as timm LeViT's
+    ``attention_bias_cache``)."""
+    for m in model.modules():
+        for key, value in m.__dict__.items():
+            if key not in _MODULE_DICTS:
+                yield m, key, value
+
+
+@contextlib.contextmanager
+def preserved_module_state(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's plain attributes, and the contents of its dict/list attributes,
+    after the block: tracing runs ``forward`` on Proxies, and a forward that caches values
+    (``self.cache[key] = …``) would otherwise leave Proxies in the caller's model."""
+    saved = []
+    for m, key, value in _state_containers(model):
+        contents = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None
+        saved.append((m, key, value, contents))
+    attrs = [(m, {k: v for k, v in m.__dict__.items() if k not in _MODULE_DICTS}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, before in attrs:
+            for k in [k for k in m.__dict__ if k not in _MODULE_DICTS and k not in before]:
+                del m.__dict__[k]
+            m.__dict__.update(before)
+        for _m, _key, value, contents in saved:
+            if isinstance(value, dict):
+                value.clear()
+                value.update(contents)
+            elif isinstance(value, list):
+                value[:] = contents
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also when a forward has cached tensors that are not graph leaves
+    (timm LeViT/EfficientFormer after one call with gradients on: plain ``deepcopy`` refuses
+    them); those are copied detached."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 3 and isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth + 1)
+
+    for _m, _key, value in _state_containers(model):
+        visit(value)
+    return copy.deepcopy(model, memo)
+
+
+def _check_leaf_patterns(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """Every leaf pattern must match a submodule (its path, a glob of paths, or its class name):
+    a misspelt ``--leaf`` would otherwise be ignored silently."""
+    if not patterns:
+        return
+    import difflib
+
+    paths, classes = [], set()
+    for path, m in model.named_modules():
+        if path:
+            paths.append(path)
+            classes.add(type(m).__name__)
+    for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise UsageError(f"a leaf module pattern must be a non-empty string, got {pat!r}")
+        if pat in classes or any(fnmatch.fnmatchcase(p, pat) for p in paths):
+            continue
+        close = difflib.get_close_matches(pat, sorted(classes) + paths, n=3, cutoff=0.5)
+        hint = f"; close: {', '.join(close)}" if close else f"; its classes include {', '.join(sorted(classes)[:6])}" if classes else ""
+        raise UsageError(f"--leaf {pat!r} matches no module of {type(model).__name__} (a module path, a glob of paths, or a class name){hint}")
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dict | None = None) -> GraphModule:
     """Symbolically trace ``model`` with :class:`QcdTracer`.
 
@@ -121,18 +206,21 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dic
         return model
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
+    leaf_modules = tuple(leaf_modules)
+    _check_leaf_patterns(model, leaf_modules)
     tracer = QcdTracer(leaf_modules)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as e:
-        what = _describe(e)
-        where = _user_frame(e)
-        at = f" at {where}" if where else ""
-        if tracer.failed_in and tracer.failed_in[0]:
-            path, cls = tracer.failed_in
-            hint = f" in module '{path}' ({cls}); keep it opaque with --leaf {path} (or --leaf {cls})"
-        else:
-            hint = f" in the top-level {type(model).__name__}.forward; fx cannot trace this model as written"
-        raise TraceError(f"cannot trace {type(model).__name__}: {what}{at}{hint}") from e
-    name = type(model).__name__
-    return fast_module_access(GraphModule(tracer.root, graph, name))
+    with preserved_module_state(model):  # the caller's model is left as it was (caches, constants fx adds)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as e:
+            what = _describe(e)
+            where = _user_frame(e)
+            at = f" at {where}" if where else ""
+            if tracer.failed_in and tracer.failed_in[0]:
+                path, cls = tracer.failed_in
+                hint = f" in module '{path}' ({cls}); keep it opaque with --leaf {path} (or --leaf {cls})"
+            else:
+                hint = f" in the top-level {type(model).__name__}.forward; fx cannot trace this model as written"
+            raise TraceError(f"cannot trace {type(model).__name__}: {what}{at}{hint}") from e
+        gm = GraphModule(tracer.root, graph, type(model).__name__)  # copies what the graph reads from the root
+    return fast_module_access(gm)

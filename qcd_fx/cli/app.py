@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from collections.abc import Callable, Iterator
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from ..errors import QcdFxError
+from ..errors import QcdFxError, allocation_size, first_line, out_of_memory
 
 app = typer.Typer(
     add_completion=False,
@@ -17,8 +20,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="qcd-fx: trace PyTorch models with torch.fx, run passes (qci, csc, …), save and export them.",
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich wraps at 80 columns when the stream is no terminal (a pipe, a log): tables would cut
+    pass names. There, lines keep their natural width (unless COLUMNS says otherwise)."""
+    stream = sys.stderr if stderr else sys.stdout
+    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    width = None if is_tty or os.environ.get("COLUMNS", "").isdigit() else 100_000
+    return Console(stderr=stderr, width=width)
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"qcd-fx {__version__}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit", callback=_version, is_eager=True)] = False,
+) -> None:
+    """qcd-fx: trace PyTorch models with torch.fx, run passes (qci, csc, …), save and export them."""
 
 
 def _fail(message: str, code: int) -> None:
@@ -45,6 +74,8 @@ def friendly(fn: Callable) -> Callable:
         except Exception as e:
             if debug:
                 raise
+            if out_of_memory(e):
+                _fail(f"not enough memory{allocation_size(e)}: {first_line(e)}", 1)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _fail(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
 

@@ -23,16 +23,14 @@ def resolve_model(model: str | None, example: bool, weights: str | None, trust_p
         torch.manual_seed(0)
         return digits_cnn(), "example:digits_cnn", [DIGITS_INPUT_SHAPE], None
     if not model:
-        raise UsageError("missing MODEL (torchvision:NAME, package.module:factory or FILE.pt); or use --example")
+        raise UsageError("missing MODEL (torchvision:NAME, timm:NAME, package.module:factory or FILE.pt); or use --example")
     from ..io import INPUT_SHAPES_KEY
 
     module = load_model(model, weights=weights, trust_pickle=trust_pickle, allow=allow)
     default_shape = getattr(module, "meta", {}).get(INPUT_SHAPES_KEY)
-    if model.startswith("torchvision:"):
-        from ..zoo import input_size
+    from ..io import input_shape_of
 
-        size = input_size(model.split(":", 1)[1])
-        default_shape = [(1, 3, size, size)]
+    default_shape = input_shape_of(module, model) or default_shape
     source_file = model if os.path.exists(model) else None
     return module, model, default_shape, source_file
 

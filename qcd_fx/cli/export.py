@@ -25,23 +25,37 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing outp
 def check_onnx_output(path: str, inputs: list[str], force: bool) -> str:
     """Validate an ONNX output path before any work (for ``export`` and ``transform --onnx``)."""
     from .. import io
+    from ..errors import require
+    from ..export.core import ONNX_MODULES
 
     if not path.endswith(".onnx"):
         raise UsageError(f"ONNX output {path!r} must end in .onnx")
+    require(ONNX_MODULES, "onnx", "ONNX export")
     io.check_output_path(path, inputs=inputs, force=force, what="ONNX output")
     if os.path.exists(path + ".data") and not force:
         raise UsageError(f"{path + '.data'!r} exists (external weights of an earlier export); pass --force to overwrite it or choose another path")
     return path
 
 
-def export_after_transform(gm, inputs: tuple, path: str, *, opset: int | None = None, check: bool = True, dynamic_batch: bool = True, dry_run: bool = False, console=None):
+def export_after_transform(
+    gm,
+    inputs: tuple,
+    path: str,
+    *,
+    opset: int | None = None,
+    check: bool = True,
+    dynamic_batch: bool = True,
+    dry_run: bool = False,
+    console=None,
+    verbose: bool = False,
+):
     """Export a transformed GraphModule to ``path`` (verified unless ``check=False``) and print
     one line about it; with ``dry_run`` export and verify but write nothing. Returns the
     :class:`~qcd_fx.export.ExportReport`. For ``qcd-fx transform --onnx OUT.onnx``."""
     from ..export import export_onnx
 
     console = console or out
-    report = export_onnx(gm, inputs, None if dry_run else path, dynamic_batch=dynamic_batch, opset=opset, check=check)
+    report = export_onnx(gm, inputs, None if dry_run else path, dynamic_batch=dynamic_batch, opset=opset, check=check, verbose=verbose)
     if dry_run:
         console.print(f"ONNX export verified, not written (dry run): {report.summary()}", highlight=False, markup=False, soft_wrap=True)
     else:
@@ -91,17 +105,21 @@ def export_command(
     check_onnx_output(output, sources, force)
     if report:
         io.check_output_path(report, inputs=sources + [output], force=force, what="report")
-    with progress() as step:
-        step("loading model")
-        module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
-        gm = _graph_module(module, leaf)
-        inputs = example_inputs(input_shape, default_shape, name)
-        step("exporting to ONNX" + ("" if no_check else " and checking with onnxruntime"))
-        result = export_onnx(gm, inputs, output, dynamic_batch=not static_batch, opset=opset, check=not no_check)
+    with io.OutputFiles() as files:
+        report_tmp = files.reserve(report, "report") if report else None
+        with progress() as step:
+            step("loading model")
+            module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
+            gm = _graph_module(module, leaf)
+            inputs = example_inputs(input_shape, default_shape, name)
+            step("exporting to ONNX" + ("" if no_check else " and checking with onnxruntime"))
+            result = export_onnx(gm, inputs, output, dynamic_batch=not static_batch, opset=opset, check=not no_check, verbose=debug)
+        if report_tmp:
+            with open(report_tmp, "w") as f:
+                f.write(result.to_json())
+        files.commit()
     out.print(f"ONNX model written to {output}: {result.summary()}", highlight=False, markup=False, soft_wrap=True)
     if report:
-        with io.atomic_path(report) as tmp, open(tmp, "w") as f:
-            f.write(result.to_json())
         out.print(f"report written to {report}", highlight=False, markup=False, soft_wrap=True)
 
 
@@ -110,7 +128,9 @@ def export_command(
 def run_command(
     onnx_file: Annotated[Optional[str], typer.Argument(help="the .onnx file to run", show_default=False)] = None,
     input_shape: InputShapeOpt = [],  # noqa: B006
-    model: Annotated[Optional[str], typer.Option("--model", help="also time this MODEL (qcd-fx GraphModule file or any MODEL) in PyTorch eager and compare outputs")] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="also time this MODEL (qcd-fx GraphModule file or any MODEL) in PyTorch eager and compare outputs")
+    ] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="timed runs of each runtime (median reported)")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", help="untimed runs first")] = 3,
     threads: Annotated[int, typer.Option("--threads", help="intra-op threads, the same for onnxruntime and PyTorch")] = 1,
@@ -125,6 +145,9 @@ def run_command(
 
     if not onnx_file:
         raise UsageError("missing ONNX file (qcd-fx run OUT.onnx)")
+    from ..errors import require
+
+    require(("onnx", "onnxruntime"), "onnx", "qcd-fx run")
     gm = default_shape = None
     name = "the model"
     if model:

@@ -70,6 +70,10 @@ def optimize_command(
     out.print(f"function: {name}, dim {dim}, box [{lo:g}, {hi:g}], minimum 0 at x_i = {fn.argmin_value + shift:g}", highlight=False)
     out.print(f"optimizer: {optimizer}{' (multimodal settings)' if multimodal else ''}, seed {seed}, budget {budget}", highlight=False)
     out.print(f"best value: {result['f']:.6g}", highlight=False)
+    if result.get("x") is not None:
+        x = [float(v) for v in result["x"].flatten()]
+        shown = ", ".join(f"{v:.6g}" for v in x[:8]) + (f", … ({len(x) - 8} more)" if len(x) > 8 else "")
+        out.print(f"best point: [{shown}]", highlight=False, markup=False)
     out.print(f"evaluations: {result['evaluations']}", highlight=False)
     if target is not None:
         reached = result["evaluations_to_target"]

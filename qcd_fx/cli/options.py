@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision:NAME, package.module:factory, or FILE.pt", show_default=False)]
+ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision:NAME, timm:NAME, package.module:factory, or FILE.pt", show_default=False)]
 InputShapeOpt = Annotated[list[str], typer.Option("--input-shape", "-s", help="example input shape, e.g. 1,3,224,224 (repeat for several inputs)")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="state dict (.safetensors, or .pt read with weights_only=True) for a factory/torchvision model")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)")]

@@ -101,6 +101,6 @@ def train_command(
     except FloatingPointError as e:
         raise TrainingError(f"training diverged: {e}; nothing was written") from None
     acc = history.final_val_accuracy
-    out.print(f"{name}, {optimizer}, {epochs} epochs: test accuracy {100 * acc:.2f}%" if acc is not None else "no test accuracy", highlight=False)
+    out.print(f"{name}, {optimizer}, {epochs} epoch{'' if epochs == 1 else 's'}: test accuracy {100 * acc:.2f}%" if acc is not None else "no test accuracy", highlight=False)
     for kind, path in history.meta.get("outputs", {}).items():
         out.print(f"{kind} written to {path}", highlight=False)

@@ -55,32 +55,40 @@ def transform(
         from .export import check_onnx_output
 
         check_onnx_output(onnx_out, inputs_src + [p for p in (output, report) if p], force)
-    with progress() as step:
-        step("loading model")
-        module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
-        if not train_mode:
-            module.eval()
-        inputs = example_inputs(input_shape, default_shape, name)
-        calibration = calibration_batches(inputs, calib, data)
-        result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step)
-    result.report.model = name
-    result.report.print(out)
-    if onnx_out:
-        from .export import export_after_transform
+    with io.OutputFiles() as files:
+        # every output's temporary file exists before the work: an unwritable location fails now
+        model_tmp = files.reserve(output, "output") if output and not dry_run else None
+        report_tmp = files.reserve(report, "report") if report and not dry_run else None
+        with progress() as step:
+            step("loading model")
+            module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
+            if not train_mode:
+                module.eval()
+            inputs = example_inputs(input_shape, default_shape, name)
+            calibration = calibration_batches(inputs, calib, data)
+            result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step)
+        result.report.model = name
+        result.report.print(out)
+        kind = None
+        if report_tmp:
+            with open(report_tmp, "w") as f:
+                f.write(result.report.to_json())
+        if model_tmp:
+            shapes = [list(t.shape) for t in inputs]
+            kind = io.save(result.graph_module, model_tmp, allow_pickle=pickle_ok, input_shapes=shapes, allow=allow)
+        if onnx_out:  # last: the file is renamed into place only once verified; then the others
+            from .export import export_after_transform
 
-        export_after_transform(result.graph_module, inputs, onnx_out, dry_run=dry_run)
+            export_after_transform(result.graph_module, inputs, onnx_out, dry_run=dry_run, verbose=debug)
+        files.commit()
     if dry_run:
         out.print("dry run: nothing written")
         return
     if report:
-        with io.atomic_path(report) as tmp, open(tmp, "w") as f:
-            f.write(result.report.to_json())
-        out.print(f"report written to {report}")
+        out.print(f"report written to {report}", highlight=False, markup=False, soft_wrap=True)
     if output:
-        shapes = [list(t.shape) for t in inputs]
-        kind = io.save(result.graph_module, output, allow_pickle=pickle_ok, input_shapes=shapes, allow=allow)
         note = "" if kind == "safe" else " (pickled: loading it needs --trust-pickle)"
-        out.print(f"transformed model written to {output}{note}")
+        out.print(f"transformed model written to {output}{note}", highlight=False, markup=False, soft_wrap=True)
     elif not report and not onnx_out:
         out.print("nothing written; add -o OUT.pt to save the transformed model, --report FILE.json for the report")
 

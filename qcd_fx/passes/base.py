@@ -36,7 +36,8 @@ from .runtime import PassContext
 
 def option(help: str, default: Any, **metadata: Any) -> Any:
     """A pass option: a dataclass field with a default, a one-line ``help`` and optional
-    ``aliases`` (spec words that stand for a value, e.g. ``{"full": None}``)."""
+    ``aliases`` (spec words that stand for a value, e.g. ``{"full": None}``) and ``shown_default``
+    (what ``qcd-fx passes`` shows when the default is a sentinel resolved later)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -129,7 +130,7 @@ def option_help(cls: type[Pass]) -> list[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         aliases = f.metadata.get("aliases", {})
-        shown = next((word for word, value in aliases.items() if value == default), _format_value(default))
+        shown = f.metadata.get("shown_default") or next((word for word, value in aliases.items() if value == default), _format_value(default))
         type_name = _type_name(hints[f.name]) + "".join(f" | {word}" for word in aliases)
         rows.append((f.name, type_name, shown, f.metadata.get("help", "")))
     return rows

@@ -14,8 +14,8 @@ Verification runs in eval mode (no dropout, BatchNorm running statistics untouch
 
 from __future__ import annotations
 
-import copy
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,16 +26,37 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..analysis import count_params, eval_no_grad, mac_counter, sparsity_probe
-from ..errors import InputShapeError, PassError, PostconditionError, QcdFxError, UsageError, first_line
+from ..errors import (
+    InputShapeError,
+    ModelRunError,
+    OutOfMemoryError,
+    PassError,
+    PostconditionError,
+    QcdFxError,
+    UsageError,
+    allocation_size,
+    first_line,
+    out_of_memory,
+)
 from ..report import PassRow, Report, Snapshot
-from ..tracing import fast_module_access, trace
+from ..tracing import copy_module, fast_module_access, trace
 from .base import Pass, parse_spec
 from .runtime import PassContext, Runner, tensor_leaves
+
+_SHAPE_WORDS = re.compile(
+    r"shape|size|dimension|\bdims?\b|channels|mat1 and mat2|must match|expected (?:input|\d)|to have \d+|out of range|Given groups|invalid for input|broadcast",
+    re.I,
+)
+
+
+def _shape_mismatch(e: BaseException) -> bool:
+    """Whether a failed first run is about the inputs' shapes (as opposed to the model failing
+    on its own: a bug, an unsupported dtype, an assertion of the model's)."""
+    return isinstance(e, (RuntimeError, IndexError, ValueError, TypeError)) and bool(_SHAPE_WORDS.search(str(e)))
 
 
 def _shape_str(inputs: Sequence[Any]) -> str:
     return ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
-
 
 
 @dataclass
@@ -149,7 +170,7 @@ class Pipeline:
         step("tracing")
         t0 = time.perf_counter()
         if copy_model:
-            model = copy.deepcopy(model)
+            model = copy_module(model)
         gm = trace(model, leaf_modules)
         trace_seconds = time.perf_counter() - t0
 
@@ -164,8 +185,14 @@ class Pipeline:
             except Exception as e:
                 node = getattr(e, "qcd_node", None)
                 at = f" (at node '{node}')" if node else ""
-                raise InputShapeError(
-                    f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {first_line(e)}"
+                if out_of_memory(e):
+                    raise OutOfMemoryError(
+                        f"not enough memory to run {type(original).__name__} on the example inputs ({_shape_str(inputs)}){at}{allocation_size(e)}; use a smaller input"
+                    ) from e
+                if _shape_mismatch(e):
+                    raise InputShapeError(f"example inputs ({_shape_str(inputs)}) do not fit {type(original).__name__}{at}: {first_line(e)}") from e
+                raise ModelRunError(
+                    f"{type(original).__name__} fails on the example inputs ({_shape_str(inputs)}){at}: {type(e).__name__}: {first_line(e)}"
                 ) from e
             reference = base.outputs
             baseline_macs = base.macs
@@ -267,9 +294,7 @@ class Pipeline:
                         node = None
                     elif node != changed:
                         detail = f"; it changes the value of '{changed}'" if changed else "; it changes the output"
-                raise PostconditionError(
-                    p.name, f"declared function-preserving but outputs drifted by {abs_drift:.3g} (tolerance {tolerance}){detail}", node
-                )
+                raise PostconditionError(p.name, f"declared function-preserving but outputs drifted by {abs_drift:.3g} (tolerance {tolerance}){detail}", node)
         return run
 
 

@@ -63,7 +63,9 @@ class CDGPrune(Pass):
     name = "cdg-prune"
     summary = "remove channels (and optionally residual branches) structurally, scored by CDG efficiency or l1/l2/random"
 
-    ratio: float | None = option("fraction of each group's prunable channels to remove (default 0.5)", None)
+    ratio: float | None = option(
+        "fraction of each group's prunable channels to remove (0.5 unless target_macs or threshold=auto is given)", None, shown_default="0.5"
+    )
     criterion: Literal["cdg", "l1", "l2", "random"] = option("channel score: cdg (seed efficiency), l1, l2, random", "cdg")
     target_macs: float | None = option("prune until MACs fall to this (fraction of current if <= 1, else absolute)", None)
     threshold: Literal["none", "auto"] = option("auto: the seed's rule, remove units less efficient than the output", "none")

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_write
-from .files import output_paths, plot_history
+from ..io import OutputFiles
+from .files import output_paths, plot_history, require_matplotlib
 from .loop import History, fit
 from .optimizers import OPTIMIZERS, make_optimizer
 
@@ -69,7 +69,7 @@ def train_on_digits(
     whatever ``model`` holds). The model may take ``(N, 1, 8, 8)`` images or ``(N, 64)`` vectors.
 
     With ``out_prefix`` (e.g. ``"runs/mlp"`` or ``"runs/mlp.pt"``) three files are written, each
-    through a temporary file and an atomic rename: ``<prefix>.pt`` (the trained model:
+    all or none (temporary files created before training, renamed at the end): ``<prefix>.pt`` (the trained model:
     ``save_model(model, path)`` if given, else ``torch.save(model.state_dict(), path)``),
     ``<prefix>.history.json`` and ``<prefix>.curve.png``. Existing files raise ``FileExistsError``
     before training starts unless ``overwrite=True``.
@@ -83,24 +83,30 @@ def train_on_digits(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     paths = output_paths(out_prefix, overwrite) if out_prefix is not None else None
-    train_loader, test_loader, _ = digits_loaders(batch_size, seed=seed)
-    x0 = next(iter(test_loader))[0]
-    feed = digits_input(model, x0)
-    net = model if feed(x0).dim() == 4 else _Flat(model)
-    opt = make_optimizer(optimizer_name, model.parameters(), lr=lr, seed=seed, **(optimizer_options or {}))
-    history = fit(net, train_loader, opt, epochs, val_loader=test_loader, progress=progress)
-    history.meta.update(
-        optimizer=optimizer_name, lr=opt.param_groups[0]["lr"], batch_size=batch_size, seed=seed,
-        data="digits (sklearn), 80/20 stratified split, split_seed=0; val_* columns are the test split",
-        final_test_accuracy=history.final_val_accuracy, torch=torch.__version__,
-    )  # fmt: skip
     if paths is not None:
+        require_matplotlib()  # before the training, not after it
+    with OutputFiles() as files:
+        # the temporary files exist from the start: an unwritable location fails before training
+        tmp = {kind: files.reserve(path, f"{kind} output") for kind, path in paths.items()} if paths else {}
+        train_loader, test_loader, _ = digits_loaders(batch_size, seed=seed)
+        x0 = next(iter(test_loader))[0]
+        feed = digits_input(model, x0)
+        net = model if feed(x0).dim() == 4 else _Flat(model)
+        opt = make_optimizer(optimizer_name, model.parameters(), lr=lr, seed=seed, **(optimizer_options or {}))
+        history = fit(net, train_loader, opt, epochs, val_loader=test_loader, progress=progress, val_name="test")
+        history.meta.update(
+            optimizer=optimizer_name, lr=opt.param_groups[0]["lr"], batch_size=batch_size, seed=seed,
+            data="digits (sklearn), 80/20 stratified split, split_seed=0; val_* columns are the test split",
+            final_test_accuracy=history.final_val_accuracy, torch=torch.__version__,
+        )  # fmt: skip
+        if paths is None:
+            return history
         if save_model is not None:
-            atomic_write(paths["model"], lambda tmp: save_model(model, tmp))
+            save_model(model, tmp["model"])
         else:
-            atomic_write(paths["model"], lambda tmp: torch.save(model.state_dict(), tmp))
-        text = json.dumps(history.to_dict(), indent=2)
-        atomic_write(paths["history"], lambda tmp: Path(tmp).write_text(text + "\n"))
-        plot_history({optimizer_name: history}, paths["curve"], title=f"digits, {optimizer_name}")
-        history.meta["outputs"] = {k: str(v) for k, v in paths.items()}
+            torch.save(model.state_dict(), tmp["model"])
+        Path(tmp["history"]).write_text(json.dumps(history.to_dict(), indent=2) + "\n")
+        plot_history({optimizer_name: history}, tmp["curve"], title=f"digits, {optimizer_name}")
+        files.commit()  # all three, or (on any failure above) none
+    history.meta["outputs"] = {k: str(v) for k, v in paths.items()}
     return history

@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import require
 from ..io import atomic_write
 from .loop import History
 
@@ -27,6 +28,11 @@ def output_paths(out_prefix: str | os.PathLike, overwrite: bool) -> dict[str, Pa
         if existing:
             raise FileExistsError(f"{existing[0]} exists; choose another output name or pass overwrite=True (--force)")
     return paths
+
+
+def require_matplotlib() -> None:
+    """The learning-curve plot needs matplotlib (the ``plot`` extra): say so before any work."""
+    require("matplotlib", "data", "the learning-curve plot (OUT.curve.png)")
 
 
 def plot_history(histories: dict[str, History], path: str | os.PathLike, title: str = "") -> None:

@@ -12,7 +12,8 @@
 
 It returns a :class:`History` (per epoch: mean training loss, training accuracy where the
 optimizer's forward pass is visible, validation loss and accuracy, wall time of the training
-part of the epoch, learning rate). Progress is drawn with Rich on stderr and can be turned off.
+part of the epoch, learning rate). Each epoch prints one line on stderr (under a Rich bar in a
+terminal); ``progress=False`` turns both off.
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFn = F.cross_entro
     return {"loss": loss_sum / total, "accuracy": correct / total if accuracy_known else math.nan, "n": total}
 
 
+def _epoch_line(record: EpochRecord, epochs: int, val_name: str = "val") -> str:
+    line = f"epoch {record.epoch}/{epochs}: loss {record.train_loss:.4f}"
+    if record.train_accuracy is not None:
+        line += f", train acc {100 * record.train_accuracy:.2f}%"
+    if record.val_loss is not None:
+        line += f", {val_name} loss {record.val_loss:.4f}"
+    if record.val_accuracy is not None and math.isfinite(record.val_accuracy):
+        line += f", {val_name} acc {100 * record.val_accuracy:.2f}%"
+    return line + f" ({record.seconds:.1f} s)"
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable,
@@ -154,10 +166,12 @@ def fit(
     progress: bool = True,
     device: torch.device | str | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    val_name: str = "val",
 ) -> History:
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return the :class:`History`.
 
     ``scheduler`` (optional) is stepped once per epoch. ``on_epoch`` is called with each record.
+    ``val_name`` names ``val_loader``'s split in the per-epoch lines (``"test"``, …).
     Batches must be ``(inputs, targets)`` pairs; ``inputs`` may be a tuple of positional inputs.
     A non-finite training loss stops training with a ``FloatingPointError`` naming the epoch/step.
     """
@@ -177,17 +191,22 @@ def fit(
         if steps_per_epoch:
             optimizer.set_total_steps(epochs * steps_per_epoch, only_if_unset=True)
 
-    bar = None
+    # one line per epoch on stderr (kept in a terminal and in a log); in a terminal a Rich bar
+    # under the lines shows the running epoch
+    console = bar = None
     if progress:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-            console=Console(file=sys.stderr), transient=False,
-        )  # fmt: skip
-        bar.start()
+        console = Console(file=sys.stderr, highlight=False)
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            bar = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                console=console, transient=True,
+            )  # fmt: skip
+            bar.start()
     try:
         task = None
         if bar is not None:
@@ -256,9 +275,8 @@ def fit(
                 seconds=seconds, lr=lr,
             )  # fmt: skip
             history.epochs.append(record)
-            if bar is not None:
-                acc = f", val acc {record.val_accuracy:.4f}" if record.val_accuracy is not None else ""
-                bar.update(task, info=f"loss {record.train_loss:.4f}{acc}")
+            if console is not None:
+                console.print(_epoch_line(record, epochs, val_name), markup=False, soft_wrap=True)
             if on_epoch is not None:
                 on_epoch(record)
     finally:
