@@ -247,8 +247,9 @@ class _Analyzer:
             if name is None:
                 return None
             return ParamRef(name, tuple(range(self.tensors[name].dim())))
-        if node.op == "output":
-            self.freeze_info(self.of(node.args[0]), "model output (its width never changes)")
+        if node.op == "output":  # every value that reaches the output, in any container (dict, nested, …)
+            for value in node.all_input_nodes:
+                self.freeze_info(self.info.get(value), "model output (its width never changes)")
             return None
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
@@ -259,7 +260,11 @@ class _Analyzer:
             raise _Unsupported(f"no pruning rule for module {type(m).__name__}")
         if node.op == "call_function":
             rule = FUNCTION_RULES.get(node.target) or FUNCTION_RULES_BY_NAME.get(_qualname(node.target))
-            if rule is None and getattr(node.target, "__name__", "") in ELEMENTWISE_NAMES and getattr(node.target, "__module__", "") in ("_operator", "operator", "torch", "torch.nn.functional", "torch._C._nn", "math"):
+            if (
+                rule is None
+                and getattr(node.target, "__name__", "") in ELEMENTWISE_NAMES
+                and getattr(node.target, "__module__", "") in ("_operator", "operator", "torch", "torch.nn.functional", "torch._C._nn", "math")
+            ):
                 rule = rule_elementwise
             if rule is None:
                 raise _Unsupported(f"no pruning rule for {_qualname(node.target)}")
@@ -467,7 +472,9 @@ def _module_tensor(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _conv(an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, groups: int, transposed: bool, x: Any, groups_arg: tuple[int, ...] | None = None) -> Info:
+def _conv(
+    an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, groups: int, transposed: bool, x: Any, groups_arg: tuple[int, ...] | None = None
+) -> Info:
     info = an.of(x)
     in_shape = an.shape(x)
     wt = an.tensors[an.canon[weight]]
@@ -533,7 +540,12 @@ def rule_conv_function(an: _Analyzer, node: Node) -> Info:
     values = {n: (args[i] if i < len(args) else node.kwargs.get(n)) for i, n in enumerate(names)}
     w, b = an.of(values["weight"]), an.of(values["bias"])
     groups = values["groups"] if values["groups"] is not None else 1
-    if not isinstance(w, ParamRef) or w.axes != tuple(range(len(w.axes))) or not isinstance(groups, int) or (values["bias"] is not None and not isinstance(b, ParamRef)):
+    if (
+        not isinstance(w, ParamRef)
+        or w.axes != tuple(range(len(w.axes)))
+        or not isinstance(groups, int)
+        or (values["bias"] is not None and not isinstance(b, ParamRef))
+    ):
         raise _Unsupported("functional convolution with computed weights")
     groups_arg = (6,) if len(args) > 6 else None
     if groups > 1 and groups_arg is None:
@@ -583,8 +595,10 @@ def rule_linear_function(an: _Analyzer, node: Node) -> Info:
     return _linear(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, args[0])
 
 
-def _channel_norm(an: _Analyzer, node: Node, path: str, tensors: list[str], num_groups: int | None) -> Info:
-    info = an.of(node.args[0])
+def _channel_norm(
+    an: _Analyzer, node: Node, path: str, tensors: list[str], num_groups: int | None, x: Any = None, groups_arg: tuple[int, ...] | None = None
+) -> Info:
+    info = an.of(node.args[0] if x is None else x)
     if not isinstance(info, Chan):
         if isinstance(info, ParamRef):
             an.pin(info.name, f"{node.name}: normalised parameter")
@@ -594,7 +608,10 @@ def _channel_norm(an: _Analyzer, node: Node, path: str, tensors: list[str], num_
         return None
     atoms = info.atoms
     if num_groups is not None and num_groups == len(atoms) > 1:  # one channel per group: groups go with it
-        an.rewrite_attr(path, "num_groups", atoms)
+        if path:
+            an.rewrite_attr(path, "num_groups", atoms)
+        if groups_arg is not None:
+            an.arg_rewrites.append(ArgRewrite(node.name, groups_arg, atoms, int))
     elif num_groups is not None and num_groups > 1:  # the same local channels in every group
         an.tie(atoms, num_groups)
     for t in tensors:
@@ -603,6 +620,50 @@ def _channel_norm(an: _Analyzer, node: Node, path: str, tensors: list[str], num_
     if path:
         an.rewrite_attr(path, attr, atoms)
     return info
+
+
+_NORM_SIGNATURES = {  # torch.nn.functional's positional order
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "group_norm": ("input", "num_groups", "weight", "bias"),
+}
+
+
+def rule_norm_function(an: _Analyzer, node: Node) -> Info:
+    """``F.batch_norm`` / ``F.instance_norm`` / ``F.group_norm`` (what fx records when it traces
+    into a norm module's ``forward``, e.g. timm's ``BatchNormAct2d``): per-channel statistics and
+    affine parameters on axis 1, bound like the module forms'."""
+    kind = getattr(node.target, "__name__", "")
+    names = _NORM_SIGNATURES[kind]
+    bound = dict(zip(names, node.args))
+    bound.update({k: v for k, v in node.kwargs.items() if k in names})
+    tensors, owners = [], set()
+    for key in names[1:]:
+        arg = bound.get(key)
+        if key == "num_groups" or arg is None:
+            continue
+        ref = an.of(arg)
+        if not isinstance(ref, ParamRef):
+            raise _Unsupported(f"{kind} with a computed {key}")
+        tensors.append(ref.name)
+        owners.add(ref.name.rpartition(".")[0])
+    num_groups = None
+    groups_arg = None
+    if kind == "group_norm":
+        num_groups = bound.get("num_groups")
+        if not isinstance(num_groups, int):
+            raise _Unsupported("group_norm with a computed num_groups")
+        groups_arg = (1,) if len(node.args) > 1 else None
+        info = an.of(bound["input"])
+        if isinstance(info, Chan) and num_groups == len(info.atoms) > 1 and groups_arg is None:
+            raise _Unsupported("group_norm with one channel per group and num_groups as a keyword")
+    # the module that holds the parameters keeps its attributes in step (num_features, …)
+    path = owners.pop() if len(owners) == 1 else ""
+    if path:
+        owner = an.gm.get_submodule(path)
+        if not hasattr(owner, "num_channels" if kind == "group_norm" else "num_features"):
+            path = ""
+    return _channel_norm(an, node, path, tensors, num_groups, x=bound["input"], groups_arg=groups_arg)
 
 
 def rule_batchnorm(an: _Analyzer, node: Node, m: nn.Module) -> Info:
@@ -945,8 +1006,12 @@ def rule_chunk_split(an: _Analyzer, node: Node) -> Info:
         if len(set(sizes)) != 1:
             an.freeze(info.atoms, f"{node.name}: uneven {name} along the channel axis")
             return tuple(None for _ in sizes)
+        if name == "split" and len(node.args) < 2:
+            raise _Unsupported("split with its size as a keyword")
         an.tie(info.atoms, len(sizes))
         table = info.atoms.reshape(len(sizes), -1)
+        if name == "split":  # an int piece size shrinks with the pieces (chunk's count does not change)
+            an.arg_rewrites.append(ArgRewrite(node.name, (1,), table[0], int))
         return tuple(Chan(dim, table[i]) for i in range(len(sizes)))
     if isinstance(info, ParamRef):
         an.pin(info.name, f"{node.name}: parameter split")
@@ -1202,6 +1267,9 @@ FUNCTION_RULES: dict[Any, Callable] = {
     F.conv_transpose2d: rule_conv_function,
     F.conv_transpose3d: rule_conv_function,
     F.layer_norm: rule_layernorm_function,
+    F.batch_norm: rule_norm_function,
+    F.instance_norm: rule_norm_function,
+    F.group_norm: rule_norm_function,
     F.adaptive_avg_pool1d: rule_spatial,
     F.adaptive_avg_pool2d: rule_spatial,
     F.adaptive_avg_pool3d: rule_spatial,
