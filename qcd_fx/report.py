@@ -92,11 +92,33 @@ class Report:
     def notes(self) -> list[str]:
         return [f"{r.name}: {n}" for r in self.passes for n in r.notes]
 
+    def warnings(self) -> list[str]:
+        """Passes that achieved far less than asked: a pruning ratio r asks for about 1 - (1 - r)^2
+        of the MACs (both sides of every pruned layer shrink); under half of that is reported,
+        with the channels left alone per reason."""
+        out = []
+        prev = self.baseline
+        for r in self.passes:
+            ratio = r.stats.get("requested_ratio")
+            if ratio and prev.macs and r.after.macs is not None:
+                asked = 1 - (1 - ratio) ** 2
+                achieved = 1 - r.after.macs / prev.macs
+                if achieved < asked / 2:
+                    frozen = r.stats.get("frozen_channels") or {}
+                    total = r.stats.get("channels") or 0
+                    why = "; ".join(f"{n} for {reason}" for reason, n in sorted(frozen.items(), key=lambda kv: -kv[1])[:3] if n)
+                    left = f"; of {total} channels, left alone: {why}" if why else ""
+                    out.append(f"{r.spec} removed {achieved:.0%} of the MACs where ratio {ratio:g} asks for about {asked:.0%}{left}")
+            prev = r.after
+        return out
+
     def print(self, console=None, max_notes: int = 12) -> None:
         from rich.console import Console
 
         console = console or Console()
         console.print(self.table())
+        for w in self.warnings():
+            console.print(f"  warning: {w}", markup=False, highlight=False, style="yellow")
         notes = self.notes()
         for n in notes[:max_notes]:
             console.print(f"  note: {n}", markup=False, highlight=False)

@@ -78,7 +78,8 @@ class AttrRewrite:
 
 @dataclass
 class ArgRewrite:
-    """Set a literal in ``node``'s args (``path`` into args) from the kept count of ``atoms``."""
+    """Set a literal in ``node``'s args (``path`` into args; a path ``("name",)`` sets keyword
+    ``name``) from the kept count of ``atoms``."""
 
     node: str
     path: tuple[int, ...]
@@ -504,11 +505,28 @@ def _conv(
         cin, cout = in_shape[1], wt.shape[0]
         cpg_in, cpg_out = cin // groups, cout // groups
         out_atoms = an.param_atoms(weight, 0, f"{label} (out channels)")
-        if in_atoms is None or cpg_in != cpg_out:
-            why = f"{node.name}: grouped convolution with {'untracked input' if in_atoms is None else 'a channel multiplier'}"
+        if in_atoms is None or (cpg_out % cpg_in if cpg_in <= cpg_out else 1):
+            why = f"{node.name}: grouped convolution with {'untracked input' if in_atoms is None else 'uneven channels per group'}"
             an.freeze(out_atoms, why)
             if in_atoms is not None:
                 an.freeze(in_atoms, why)
+        elif cpg_in != cpg_out and cpg_in == 1:
+            # depthwise with a channel multiplier m: input channel g feeds outputs g*m .. g*m+m-1;
+            # a channel goes with its m outputs (whole groups), and the group count follows
+            table = out_atoms.reshape(groups, cpg_out)
+            for j in range(cpg_out):
+                an.union(table[:, j], in_atoms)
+            if path:
+                an.rewrite_attr(path, "groups", in_atoms)
+            elif groups_arg is not None:
+                an.arg_rewrites.append(ArgRewrite(node.name, groups_arg, in_atoms, int))
+            else:
+                an.freeze(in_atoms, f"{node.name}: grouped convolution with a computed group count")
+        elif cpg_in != cpg_out:
+            # grouped with a channel multiplier: the group count stays; the same local input
+            # channels, and the same local output channels, go in every group
+            an.bind(weight, 1, an.tie(in_atoms, groups))
+            an.tie(out_atoms, groups)
         else:
             an.union(out_atoms, in_atoms)
             if cpg_in == 1:  # depthwise: whole groups go with their channel
@@ -823,6 +841,9 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
             axes: list[int | None] = [None] * len(out_shape)
             for (d_in, _), d_out in zip(squeezed_in, squeezed_out):
                 axes[d_out] = info.axes[d_in]
+            for d_out, path in (literal or {}).items():  # `scale.view(64, 1, 1)`: the 64 follows the parameter's width
+                if axes[d_out] is not None and out_shape[d_out] > 1:
+                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, axes[d_out]), int))
             return ParamRef(info.name, tuple(axes))
         an.pin(info.name, f"{node.name}: parameter reshaped")
         return None
@@ -865,12 +886,69 @@ def _shape_literals(node: Node, start: int) -> dict[int, tuple[int, ...]]:
     return {i: (start + i,) for i, a in enumerate(args) if isinstance(a, int) and a != -1}
 
 
+def _size_reads(an: _Analyzer, value: Node, limit: int = 64) -> list[tuple[Node, int | None]]:
+    """The (tensor node, axis) pairs a computed size reads: ``x.shape[k]``, ``x.size(k)``,
+    ``x.size()[k]``, through arithmetic; (node, None) for any other tensor it depends on."""
+    out: list[tuple[Node, int | None]] = []
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen or not isinstance(n, Node):
+            continue
+        seen.add(n)
+        if n.op == "call_method" and n.target == "size" and len(n.args) > 1 and isinstance(n.args[1], int):
+            out.append((n.args[0], n.args[1]))
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int) and isinstance(n.args[0], Node):
+            shape_of = n.args[0]
+            if (shape_of.op == "call_function" and shape_of.target is getattr and shape_of.args[1] == "shape") or (
+                shape_of.op == "call_method" and shape_of.target == "size" and len(shape_of.args) == 1
+            ):
+                out.append((shape_of.args[0], n.args[1]))
+                continue
+        if isinstance(an.info.get(n), (Chan, ParamRef)):
+            out.append((n, None))
+            continue
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+def _same_channels(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same channels, possibly shuffled or with tied blocks folded (one set holds the other)."""
+    sa, sb = np.unique(a), np.unique(b)
+    common = np.intersect1d(sa, sb, assume_unique=True)
+    return len(common) == min(len(sa), len(sb)) > 0
+
+
+def _computed_sizes(an: _Analyzer, node: Node, sizes: Any) -> None:
+    """A view/reshape whose shape holds sizes computed at run time: where one counts channels
+    (``C = x.shape[2]``; ``qkv.reshape(B, N, 3, heads, C // heads)``), pruning would change it
+    out of step with the reshaped value, so the channels it counts and the reshaped value's
+    channels are left alone. Batch and token counts (axes without channels) are fine."""
+    computed = [a for a in (sizes if isinstance(sizes, (tuple, list)) else [sizes]) if isinstance(a, Node)]
+    reshaped = an.of(node.args[0])
+    for value in computed:
+        for src, axis in _size_reads(an, value):
+            info = an.info.get(src)
+            if isinstance(info, Chan) and isinstance(reshaped, Chan) and _same_channels(info.atoms, reshaped.atoms):
+                continue  # counts the reshaped value's own channels (ShuffleNet's channel shuffle): stays in step
+            counts_channels = isinstance(info, ParamRef) or (
+                isinstance(info, Chan) and (axis is None or _norm_axis(axis, len(an.shape(src) or (0,) * (axis + 1))) == info.axis)
+            )
+            if counts_channels:
+                why = f"{node.name}: a size computed from the channels of '{src.name}'"
+                an.freeze_info(info, why)
+                an.freeze_info(an.of(node.args[0]), why)
+
+
 def rule_view_method(an: _Analyzer, node: Node) -> Info:
+    _computed_sizes(an, node, node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))) else node.args[1])
     return _reshape(an, node, node.args[0], _shape_literals(node, 1))
 
 
 def rule_reshape_function(an: _Analyzer, node: Node) -> Info:
     shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+    _computed_sizes(an, node, shape_arg)
     literal = {i: (1, i) for i, a in enumerate(shape_arg) if isinstance(a, int) and a != -1} if isinstance(shape_arg, (tuple, list)) else {}
     return _reshape(an, node, node.args[0], literal)
 
@@ -1034,16 +1112,22 @@ def rule_getitem(an: _Analyzer, node: Node) -> Info:
     # expand the ellipsis
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
-    for i in idx:
+    positions: list[int | None] = []  # where each entry sits in the index tuple (None: implied)
+    for pos, i in enumerate(idx):
         if i is Ellipsis:
             expanded += [slice(None)] * (len(in_shape) - n_real)
+            positions += [None] * (len(in_shape) - n_real)
         else:
             expanded.append(i)
-    expanded += [slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None))
+            positions.append(pos)
+    pad = len(in_shape) - sum(1 for i in expanded if i is not None)
+    expanded += [slice(None)] * pad
+    positions += [None] * pad
     mapping: dict[int, int | None] = {}
+    partial: dict[int, tuple[int, slice, int | None]] = {}  # in axis -> (out axis, slice, position)
     out_axis = 0
     in_axis = 0
-    for i in expanded:
+    for i, pos in zip(expanded, positions):
         if i is None:
             out_axis += 1
             continue
@@ -1052,10 +1136,16 @@ def rule_getitem(an: _Analyzer, node: Node) -> Info:
         else:
             full = i == slice(None) or (i.start in (None, 0) and i.stop is None and i.step in (None, 1))
             mapping[in_axis] = out_axis if full else -1
+            if not full:
+                partial[in_axis] = (out_axis, i, pos)
             out_axis += 1
         in_axis += 1
     if isinstance(info, Chan):
         target = mapping.get(info.axis)
+        if target == -1:
+            kept = _channel_slice(an, node, info, in_shape[info.axis], *partial[info.axis])
+            if kept is not None:
+                return kept
         if target is None or target == -1:
             an.freeze(info.atoms, f"{node.name}: slices the channel axis")
             return None
@@ -1069,6 +1159,27 @@ def rule_getitem(an: _Analyzer, node: Node) -> Info:
                 an.pin(info.name, f"{node.name}: parameter indexed")
                 return None
         return ParamRef(info.name, tuple(axes))
+    return None
+
+
+def _channel_slice(an: _Analyzer, node: Node, info: Chan, size: int, out_axis: int, sl: slice, pos: int | None) -> Info:
+    """``x[:, :c]`` or ``x[:, c:]`` along the channels (GhostNet keeps the first ``out_chs`` of a
+    concatenation): the kept channels are a prefix or suffix of the atoms, and after pruning
+    the bound becomes the number of kept atoms before it (pruning keeps the order). Other
+    slices (steps, both bounds) return None: the caller leaves the group alone."""
+    start, stop, step = sl.start, sl.stop, sl.step
+    if pos is None or step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (start, stop)):
+        return None
+    start = 0 if start is None else (start + size if start < 0 else start)
+    stop = size if stop is None else (stop + size if stop < 0 else stop)
+    start, stop = max(0, min(start, size)), max(0, min(stop, size))
+    path = (1, pos) if isinstance(node.args[1], tuple) else (1,)
+    if start == 0 and 0 < stop <= size:  # (stop == size: a slice that keeps everything, spelt with the width)
+        an.arg_rewrites.append(ArgRewrite(node.name, path, info.atoms[:stop], lambda n: slice(None, n, None)))
+        return Chan(out_axis, info.atoms[:stop])
+    if stop == size and 0 < start < size:
+        an.arg_rewrites.append(ArgRewrite(node.name, path, info.atoms[:start], lambda n: slice(n, None, None)))
+        return Chan(out_axis, info.atoms[start:])
     return None
 
 
@@ -1094,6 +1205,81 @@ def rule_reduce(an: _Analyzer, node: Node) -> Info:
     if out_shape is None or isinstance(out_shape, tuple) and len(out_shape) <= axis:
         return None
     return Chan(axis, info.atoms)
+
+
+def rule_norm(an: _Analyzer, node: Node) -> Info:
+    """``x.norm(p, dim, keepdim)``, ``torch.norm`` and ``torch.linalg.vector_norm(x, ord, dim,
+    keepdim)`` (ConvNeXt-V2's GRN): a reduction whose dims come after the order argument."""
+    info = an.of(node.args[0])
+    in_shape = an.shape(node.args[0])
+    if not isinstance(info, (Chan, ParamRef)) or in_shape is None:
+        return None
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter reduced")
+        return None
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    if dims is None:  # a norm over everything: a scalar
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        raise _Unsupported("norm over computed dims")
+    dims = [_norm_axis(d, len(in_shape)) for d in dims]
+    if info.axis in dims:
+        return None
+    return Chan(info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis), info.atoms)
+
+
+def rule_unbind(an: _Analyzer, node: Node) -> Info:
+    """``qkv.unbind(0)`` (timm attention): one output per index of ``dim``; channels on another
+    axis go to every output, channels on ``dim`` itself are left alone."""
+    info = an.of(node.args[0])
+    in_shape = an.shape(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if in_shape is None or not isinstance(dim, int):
+        raise _Unsupported("unbind with unknown shapes")
+    dim = _norm_axis(dim, len(in_shape))
+    n = in_shape[dim]
+    if isinstance(info, Chan):
+        if info.axis == dim:
+            an.freeze(info.atoms, f"{node.name}: unbind along the channel axis")
+            return tuple(None for _ in range(n))
+        axis = info.axis - (1 if info.axis > dim else 0)
+        return tuple(Chan(axis, info.atoms) for _ in range(n))
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter unbound")
+    return tuple(None for _ in range(n))
+
+
+def rule_reshape_as(an: _Analyzer, node: Node) -> Info:
+    """``x.reshape_as(y)`` / ``x.view_as(y)``: a reshape to ``y``'s (traced) shape."""
+    return _reshape(an, node, node.args[0], None)
+
+
+def rule_sdpa(an: _Analyzer, node: Node) -> Info:
+    """``F.scaled_dot_product_attention(q, k, v)``: q and k share their last axis (contracted),
+    the output has v's. Pruning that axis of q/k keeps the softmax scale of the original width
+    (``scale=`` is set to ``1/sqrt(E)`` of the unpruned graph when it was implicit)."""
+    q, k, v = (node.args + (None, None, None))[:3] if len(node.args) >= 3 else (node.kwargs.get("query"), node.kwargs.get("key"), node.kwargs.get("value"))
+    iq, ik, iv = an.of(q), an.of(k), an.of(v)
+    shape_q, shape_v = an.shape(q), an.shape(v)
+    if shape_q is None or shape_v is None:
+        raise _Unsupported("attention with unknown shapes")
+    last = len(shape_q) - 1
+    if isinstance(iq, Chan) and isinstance(ik, Chan) and iq.axis == ik.axis == last:
+        an.union(iq.atoms, ik.atoms)
+        if node.kwargs.get("scale") is None and len(node.args) < 7:
+            scale = 1.0 / math.sqrt(shape_q[-1])
+            an.arg_rewrites.append(ArgRewrite(node.name, ("scale",), iq.atoms, lambda _n, s=scale: s))
+    else:
+        an.freeze_info(iq, f"{node.name}: attention query channels not on the last axis")
+        an.freeze_info(ik, f"{node.name}: attention key channels not on the last axis")
+    for extra in list(node.args[3:]) + [node.kwargs.get("attn_mask")]:
+        an.freeze_info(an.of(extra) if isinstance(extra, Node) else None, f"{node.name}: attention mask")
+    if isinstance(iv, Chan) and iv.axis == len(shape_v) - 1:
+        return Chan(iv.axis, iv.atoms)
+    an.freeze_info(iv, f"{node.name}: attention value channels not on the last axis")
+    return None
 
 
 def rule_matmul(an: _Analyzer, node: Node) -> Info:
@@ -1197,7 +1383,9 @@ ELEMENTWISE_NAMES = frozenset(
     hardsigmoid_ sigmoid sigmoid_ tanh tanh_ mish elu elu_ selu celu leaky_relu leaky_relu_ softplus
     hardtanh hardtanh_ exp log sqrt rsqrt clamp clamp_ clip where dropout dropout_ alpha_dropout
     feature_alpha_dropout dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
-    to type_as contiguous clone detach masked_fill logit""".split()
+    to type_as contiguous clone detach masked_fill logit addcmul addcdiv lerp maximum minimum fmod remainder
+    sign floor ceil round trunc frac expm1 log1p log2 log10 sinh cosh nan_to_num exp_ sqrt_ neg_ mul__ copysign
+    hardshrink softshrink tanhshrink softsign threshold glu_ relu6_ gelu_""".split()
 )
 
 MODULE_RULES: dict[type, Callable] = {}
@@ -1244,6 +1432,10 @@ FUNCTION_RULES: dict[Any, Callable] = {
     torch.split: rule_chunk_split,
     torch.matmul: rule_matmul,
     torch.bmm: rule_matmul,
+    torch.norm: rule_norm,
+    F.scaled_dot_product_attention: rule_sdpa,
+    torch.linalg.vector_norm: rule_norm,
+    torch.unbind: rule_unbind,
     operator.matmul: rule_matmul,
     operator.getitem: rule_getitem,
     getattr: rule_no_tensor,
@@ -1309,4 +1501,8 @@ METHOD_RULES: dict[str, Callable] = {
     "log_softmax": rule_softmax,
     "matmul": rule_matmul,
     "bmm": rule_matmul,
+    "norm": rule_norm,
+    "unbind": rule_unbind,
+    "reshape_as": rule_reshape_as,
+    "view_as": rule_reshape_as,
 }

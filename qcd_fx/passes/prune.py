@@ -49,7 +49,7 @@ from .. import measures
 from ..analysis import count_macs, eval_no_grad
 from ..errors import PreconditionError
 from .base import Pass, PassOutcome, option, register
-from .dependency import Dependencies, analyze
+from .dependency import FROZEN, Dependencies, analyze
 from .runtime import PassContext, Runner, tensor_leaves
 
 """``gm.meta`` key under which the pipeline hands calibration batches (tuples of inputs) to passes."""
@@ -138,6 +138,16 @@ class CDGPrune(Pass):
             channels_removed=int(sum(before - after for before, after in widths.values())),
             widths={k: list(v) for k, v in widths.items()},
         )
+        frozen: dict[str, int] = {}  # prunable channels left alone, per reason (first reason of their group)
+        for g in deps.groups:
+            if g.frozen:
+                in_group = np.isin(deps.family_of, g.families)
+                in_group[0] = False
+                why = g.reasons[0].split(": ", 1)[-1] if g.reasons else "frozen"
+                frozen[why] = frozen.get(why, 0) + int((deps.labels[in_group] == FROZEN).sum())
+        stats.update(channels=int(deps.num_atoms - 1), frozen_channels=frozen)
+        if self.effective_ratio is not None:
+            stats["requested_ratio"] = self.effective_ratio
         reasons: dict[str, int] = {}
         for g in deps.groups:
             for r in g.reasons[:1] if len(g.units) == 0 else []:
@@ -357,7 +367,11 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
     nodes = {n.name: n for n in gm.graph.nodes}
     for rw in deps.arg_rewrites:
         node = nodes[rw.node]
-        node.args = _set_path(node.args, rw.path, rw.value(int(keep[rw.atoms].sum())))
+        value = rw.value(int(keep[rw.atoms].sum()))
+        if isinstance(rw.path[0], str):
+            node.kwargs = {**node.kwargs, rw.path[0]: value}
+        else:
+            node.args = _set_path(node.args, rw.path, value)
     gm.recompile()
     fams = deps.family_of[1:]
     before = np.bincount(fams, minlength=len(deps.families))
