@@ -1,372 +1,21 @@
-"""Channel-dependency analysis over an fx graph: which channels must be pruned together.
-
-Every channel of every prunable tensor dimension is an *atom* (an integer). Walking the graph in
-order with the shapes from shape propagation, each value gets a :class:`Chan` (the axis that
-carries channels and the atom of every position along it), a :class:`ParamRef` (the value *is* a
-parameter or buffer, possibly expanded or permuted), or ``None`` (no prunable structure). Small
-op rules then say how atoms relate:
-
-* Conv/Linear/Embedding start a new family of atoms on their output side (one per output
-  channel) and *bind* their input-side weight dimension to the input's atoms;
-* element-wise ops, norms, residual adds and ``cat`` on other axes *unify* atoms position by
-  position (a broadcast size-1 axis couples nothing), and a parameter that meets channels (a
-  class token, a layer scale, a positional embedding) is bound along that axis;
-* ``cat`` along the channel axis lays atoms side by side (offsets for free);
-* ``view``/``reshape``/``flatten``/``permute``/``transpose`` map atoms through the row-major
-  layout (flatten C·H·W repeats each atom H·W times; a split C -> (g, C/g) *ties* the atoms of
-  one column across the g rows, which makes channel shuffle a permutation of tied units);
-* depthwise convolutions unify input and output atoms (groups shrink with them); grouped
-  convolutions additionally tie the same local index across groups (groups stay);
-* ``nn.MultiheadAttention`` ties its internal projection dims to the residual width (the module
-  has one ``embed_dim``) and the same head dim across heads;
-* anything without a rule *freezes* the atoms it touches (never guess), and so do the model's
-  inputs and outputs, so no classifier — Linear or Conv — ever loses a class.
-
-Atoms that end up connected form a *unit* (channels removed together); families connected by
-units form a *group* (one ratio, one ranking). Frozen units (connected to atom 0) stay.
-The analysis also records every tensor dimension to slice, every module attribute and every
-graph constant (reshape sizes, ``normalized_shape``) to rewrite, keyed by the atoms they count.
-"""
+"""One rule per kind of op: how a node's channels relate to its inputs' (unify, bind, tie,
+freeze) and which literals and attributes follow the kept channels. Which Python spelling
+(module class, ``torch.nn.functional``, tensor method, ``torch.*``, ATen overload) is which kind
+is decided in :mod:`.spellings`."""
 
 from __future__ import annotations
 
 import math
 import operator
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 from torch.nn.modules.conv import _ConvNd
 
-FROZEN = 0
-
-
-@dataclass
-class Chan:
-    """Channels of a value: ``atoms[i]`` is the atom at position ``i`` of axis ``axis``."""
-
-    axis: int
-    atoms: np.ndarray
-
-
-@dataclass
-class ParamRef:
-    """A value that is a parameter/buffer ``name``; ``axes[i]`` = the tensor dim behind value axis i."""
-
-    name: str
-    axes: tuple[int | None, ...]
-
-
-Info = Chan | ParamRef | None | tuple
-
-
-@dataclass
-class AttrRewrite:
-    """Set ``module.attr`` from the kept count of ``atoms`` (``value(count)``)."""
-
-    module: str
-    attr: str
-    atoms: np.ndarray
-    value: Callable[[int], Any]
-
-
-@dataclass
-class ArgRewrite:
-    """Set a literal in ``node``'s args (``path`` into args; a path ``("name",)`` sets keyword
-    ``name``) from the kept count of ``atoms``."""
-
-    node: str
-    path: tuple[int, ...]
-    atoms: np.ndarray
-    value: Callable[[int], Any]
-
-
-@dataclass
-class Group:
-    """Families of atoms connected by shared units: one ranking, one ratio."""
-
-    gid: int
-    families: list[int]
-    units: np.ndarray  # labels of the prunable units
-    frozen: bool  # some channels of the group are frozen
-    reasons: list[str] = field(default_factory=list)  # why channels are frozen
-
-
-@dataclass
-class Dependencies:
-    """Result of :func:`analyze`."""
-
-    num_atoms: int
-    labels: np.ndarray  # unit label per atom (0 = frozen)
-    family_of: np.ndarray  # family id per atom
-    families: list[str]  # family id -> description (e.g. "conv1.weight[0]")
-    bindings: dict[tuple[str, int], np.ndarray]  # (tensor name, dim) -> atoms per position
-    attr_rewrites: list[AttrRewrite]
-    arg_rewrites: list[ArgRewrite]
-    groups: list[Group]
-    producers: dict[str, Chan]  # node name -> channels it produces (for activation scoring)
-    aliases: dict[str, list[str]]  # canonical tensor name -> every name of that tensor
-
-    def kept_atoms(self, removed_units: np.ndarray) -> np.ndarray:
-        """Boolean keep mask per atom after removing ``removed_units`` (unit labels)."""
-        keep_unit = np.ones(self.num_atoms, dtype=bool)
-        keep_unit[removed_units] = False
-        return keep_unit[self.labels]
-
-
-class _Analyzer:
-    def __init__(self, gm: GraphModule):
-        self.gm = gm
-        self.next_atom = 1  # atom 0 is FROZEN
-        self.family_starts: list[int] = []
-        self.families: list[str] = []
-        self.pairs_a: list[np.ndarray] = []
-        self.pairs_b: list[np.ndarray] = []
-        self.freezes: list[tuple[np.ndarray, str]] = []
-        self.bindings: dict[tuple[str, int], np.ndarray] = {}
-        self.pinned: dict[str, str] = {}
-        self.attr_rewrites: list[AttrRewrite] = []
-        self.arg_rewrites: list[ArgRewrite] = []
-        self.producers: dict[str, Chan] = {}
-        self.info: dict[Node, Info] = {}
-        self.canon: dict[str, str] = {}
-        self.aliases: dict[str, list[str]] = defaultdict(list)
-        self.tensors: dict[str, torch.Tensor] = {}
-        by_id: dict[int, str] = {}
-        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-            first = by_id.setdefault(id(t), name)
-            self.canon[name] = first
-            self.aliases[first].append(name)
-            self.tensors[first] = t
-
-    # --- atoms -------------------------------------------------------------------------------
-
-    def new_atoms(self, n: int, label: str) -> np.ndarray:
-        start = self.next_atom
-        self.family_starts.append(start)
-        self.families.append(label)
-        self.next_atom += n
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        if a.shape != b.shape:
-            raise AssertionError(f"cannot unify {a.shape} with {b.shape}")
-        self.pairs_a.append(np.asarray(a, dtype=np.int64).ravel())
-        self.pairs_b.append(np.asarray(b, dtype=np.int64).ravel())
-
-    def freeze(self, atoms: np.ndarray, reason: str) -> None:
-        if atoms.size:
-            self.freezes.append((np.asarray(atoms, dtype=np.int64).ravel(), reason))
-
-    def tie(self, atoms: np.ndarray, blocks: int) -> np.ndarray:
-        """Unify position j of every one of ``blocks`` equal blocks; return block 0's atoms."""
-        table = atoms.reshape(blocks, -1)
-        for b in range(1, blocks):
-            self.union(table[0], table[b])
-        return table[0]
-
-    def param_atoms(self, name: str, dim: int, label: str | None = None) -> np.ndarray:
-        """The atoms of tensor ``name`` along ``dim``: existing binding or a new family."""
-        name = self.canon.get(name, name)
-        key = (name, dim)
-        if key not in self.bindings:
-            n = self.tensors[name].shape[dim]
-            self.bindings[key] = self.new_atoms(n, label or f"{name}[{dim}]")
-        return self.bindings[key]
-
-    def bind(self, name: str, dim: int, atoms: np.ndarray) -> None:
-        name = self.canon.get(name, name)
-        t = self.tensors[name]
-        if t.shape[dim] != len(atoms):
-            self.freeze(atoms, f"{name} dim {dim} has {t.shape[dim]} entries for {len(atoms)} channels")
-            self.pin(name, f"{name} does not line up with its channels")
-            return
-        key = (name, dim)
-        if key in self.bindings:
-            self.union(self.bindings[key], atoms)
-        else:
-            self.bindings[key] = atoms
-
-    def pin(self, name: str, reason: str) -> None:
-        self.pinned.setdefault(self.canon.get(name, name), reason)
-
-    def freeze_info(self, info: Info, reason: str) -> None:
-        if isinstance(info, Chan):
-            self.freeze(info.atoms, reason)
-        elif isinstance(info, ParamRef):
-            self.pin(info.name, reason)
-        elif isinstance(info, (tuple, list)):
-            for i in info:
-                self.freeze_info(i, reason)
-
-    def rewrite_attr(self, module: str, attr: str, atoms: np.ndarray, value: Callable[[int], Any] = int) -> None:
-        self.attr_rewrites.append(AttrRewrite(module, attr, atoms, value))
-
-    # --- helpers ---------------------------------------------------------------------------
-
-    def of(self, arg: Any) -> Info:
-        if isinstance(arg, Node):
-            return self.info.get(arg)
-        if isinstance(arg, (tuple, list)):
-            return tuple(self.of(a) for a in arg)
-        return None
-
-    @staticmethod
-    def shape(node_or_value: Any) -> tuple[int, ...] | None:
-        if not isinstance(node_or_value, Node):
-            return None
-        meta = node_or_value.meta.get("tensor_meta")
-        shape = getattr(meta, "shape", None)
-        return tuple(shape) if shape is not None else None
-
-    def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            try:
-                self.info[node] = self.visit(node)
-            except _Unsupported as e:
-                why = f"{node.name}: {e}"
-                for arg in node.all_input_nodes:
-                    self.freeze_info(self.info.get(arg), why)
-                if node.op == "call_module":
-                    for tname, _ in self.gm.get_submodule(node.target).named_parameters():
-                        self.pin(f"{node.target}.{tname}", why)
-                    for tname, _ in self.gm.get_submodule(node.target).named_buffers():
-                        self.pin(f"{node.target}.{tname}", why)
-                self.info[node] = None
-
-    def visit(self, node: Node) -> Info:
-        if node.op == "placeholder":
-            return None
-        if node.op == "get_attr":
-            name = self.canon.get(node.target)
-            if name is None:
-                return None
-            return ParamRef(name, tuple(range(self.tensors[name].dim())))
-        if node.op == "output":  # every value that reaches the output, in any container (dict, nested, …)
-            for value in node.all_input_nodes:
-                self.freeze_info(self.info.get(value), "model output (its width never changes)")
-            return None
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            for cls in type(m).__mro__:
-                rule = MODULE_RULES.get(cls)
-                if rule is not None:
-                    return rule(self, node, m)
-            raise _Unsupported(f"no pruning rule for module {type(m).__name__}")
-        if node.op == "call_function":
-            rule = FUNCTION_RULES.get(node.target) or FUNCTION_RULES_BY_NAME.get(_qualname(node.target))
-            if (
-                rule is None
-                and getattr(node.target, "__name__", "") in ELEMENTWISE_NAMES
-                and getattr(node.target, "__module__", "") in ("_operator", "operator", "torch", "torch.nn.functional", "torch._C._nn", "math")
-            ):
-                rule = rule_elementwise
-            if rule is None:
-                raise _Unsupported(f"no pruning rule for {_qualname(node.target)}")
-            return rule(self, node)
-        if node.op == "call_method":
-            rule = METHOD_RULES.get(node.target)
-            if rule is None and node.target in ELEMENTWISE_NAMES:
-                rule = rule_elementwise
-            if rule is None:
-                raise _Unsupported(f"no pruning rule for method .{node.target}()")
-            return rule(self, node)
-        return None
-
-    # --- finish ----------------------------------------------------------------------------
-
-    def finish(self) -> Dependencies:
-        for (name, _dim), atoms in list(self.bindings.items()):
-            if name in self.pinned:
-                self.freeze(atoms, self.pinned[name])
-        n = self.next_atom
-        a = np.concatenate(self.pairs_a) if self.pairs_a else np.zeros(0, np.int64)
-        b = np.concatenate(self.pairs_b) if self.pairs_b else np.zeros(0, np.int64)
-        linked = _components(n, a, b)  # groups follow these links only: freezing does not link families
-        if self.freezes:
-            fa = np.concatenate([f for f, _ in self.freezes])
-            a = np.concatenate([a, fa])
-            b = np.concatenate([b, np.zeros_like(fa)])
-        labels = _components(n, a, b)
-        family_of = np.zeros(n, dtype=np.int64)
-        starts = np.array(self.family_starts + [n], dtype=np.int64)
-        for f in range(len(self.family_starts)):
-            family_of[starts[f] : starts[f + 1]] = f
-        family_of[0] = -1
-        # groups: families connected through shared units (not through atom 0: unrelated layers with
-        # frozen channels would share one ranking, and a layer could lose every channel)
-        fam_labels = _components(len(self.families), family_of[1:], family_of[linked[1:]].clip(min=0))
-        members: dict[int, list[int]] = defaultdict(list)
-        for f, g in enumerate(fam_labels):
-            members[int(g)].append(f)
-        reasons: dict[int, list[str]] = defaultdict(list)
-        for atoms, why in self.freezes:
-            for f in np.unique(family_of[atoms]):
-                if f >= 0 and why not in reasons[int(fam_labels[f])]:
-                    reasons[int(fam_labels[f])].append(why)
-        groups = []
-        for gid, (g, fams) in enumerate(sorted(members.items())):
-            atoms = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in fams])
-            unit_labels = np.unique(labels[atoms])
-            free = unit_labels[unit_labels != FROZEN]
-            groups.append(Group(gid, fams, free, bool((unit_labels == FROZEN).any()), reasons.get(g, [])))
-        return Dependencies(
-            num_atoms=n,
-            labels=labels,
-            family_of=family_of,
-            families=self.families,
-            bindings=self.bindings,
-            attr_rewrites=self.attr_rewrites,
-            arg_rewrites=self.arg_rewrites,
-            groups=groups,
-            producers=self.producers,
-            aliases=dict(self.aliases),
-        )
-
-
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected components of ``n`` nodes with edges ``a[i]-b[i]``: smallest member per node."""
-    labels = np.arange(n, dtype=np.int64)
-    if len(a) == 0:
-        return labels
-    while True:
-        la, lb = labels[a], labels[b]
-        low = np.minimum(la, lb)
-        before = labels.copy()
-        np.minimum.at(labels, a, low)
-        np.minimum.at(labels, b, low)
-        while True:  # pointer jumping
-            jumped = labels[labels]
-            if np.array_equal(jumped, labels):
-                break
-            labels = jumped
-        if np.array_equal(before, labels):
-            return labels
-
-
-class _Unsupported(Exception):
-    """No rule covers this node: its inputs are frozen and its module's tensors pinned."""
-
-
-def _qualname(fn: Any) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', repr(fn))}"
-
-
-def analyze(gm: GraphModule) -> Dependencies:
-    """Channel dependencies of ``gm``; needs ``node.meta["tensor_meta"]`` (shape propagation)."""
-    an = _Analyzer(gm)
-    an.run()
-    return an.finish()
-
-
-# ---------------------------------------------------------------------------------------------
-# Rules
+from .core import ArgRewrite, Chan, Info, ParamRef, _Analyzer, _op_name, _Unsupported
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -568,7 +217,7 @@ def rule_conv_function(an: _Analyzer, node: Node) -> Info:
     groups_arg = (6,) if len(args) > 6 else None
     if groups > 1 and groups_arg is None:
         raise _Unsupported("functional grouped convolution with groups as keyword")
-    transposed = "transpose" in getattr(node.target, "__name__", "")
+    transposed = "transpose" in _op_name(node)
     return _conv(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, groups, transposed, values["input"], groups_arg)
 
 
@@ -651,7 +300,7 @@ def rule_norm_function(an: _Analyzer, node: Node) -> Info:
     """``F.batch_norm`` / ``F.instance_norm`` / ``F.group_norm`` (what fx records when it traces
     into a norm module's ``forward``, e.g. timm's ``BatchNormAct2d``): per-channel statistics and
     affine parameters on axis 1, bound like the module forms'."""
-    kind = getattr(node.target, "__name__", "")
+    kind = _op_name(node)
     names = _NORM_SIGNATURES[kind]
     bound = dict(zip(names, node.args))
     bound.update({k: v for k, v in node.kwargs.items() if k in names})
@@ -958,7 +607,7 @@ def rule_flatten(an: _Analyzer, node: Node) -> Info:
 
 
 def _permutation(node: Node, rank: int) -> list[int] | None:
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = _op_name(node)
     args = list(node.args[1:])
     if name == "permute":
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
@@ -1049,7 +698,7 @@ def rule_stack(an: _Analyzer, node: Node) -> Info:
 
 
 def rule_chunk_split(an: _Analyzer, node: Node) -> Info:
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = _op_name(node)
     src = node.args[0]
     info = an.of(src)
     shape = an.shape(src)
@@ -1180,6 +829,39 @@ def _channel_slice(an: _Analyzer, node: Node, info: Chan, size: int, out_axis: i
     if stop == size and 0 < start < size:
         an.arg_rewrites.append(ArgRewrite(node.name, path, info.atoms[:start], lambda n: slice(n, None, None)))
         return Chan(out_axis, info.atoms[start:])
+    return None
+
+
+def rule_slice(an: _Analyzer, node: Node) -> Info:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` (``x[:, :c]`` as ``torch.export`` writes it):
+    a prefix or suffix of the channels, with the bound following the kept channels, like
+    :func:`_channel_slice`; slices of other axes pass the channels through."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, end, step = args[:5]
+    dim = 0 if dim is None else dim
+    info, shape = an.of(x), an.shape(x)
+    if shape is None or not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+        raise _Unsupported("slice with computed bounds")
+    dim = _norm_axis(dim, len(shape))
+    size = shape[dim]
+    lo = 0 if start is None else (start + size if start < 0 else start)
+    hi = size if end is None else (end + size if end < 0 else end)
+    lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
+    full = lo == 0 and hi == size and step in (None, 1)
+    if isinstance(info, ParamRef):
+        if not full and info.axes[dim] is not None and size > 1:
+            an.pin(info.name, f"{node.name}: parameter sliced")
+            return None
+        return info
+    if not isinstance(info, Chan) or info.axis != dim or full:
+        return info if isinstance(info, Chan) else None
+    if step in (None, 1) and lo == 0 and len(node.args) > 3:
+        an.arg_rewrites.append(ArgRewrite(node.name, (3,), info.atoms[:hi], int))
+        return Chan(dim, info.atoms[:hi])
+    if step in (None, 1) and hi == size and len(node.args) > 2:
+        an.arg_rewrites.append(ArgRewrite(node.name, (2,), info.atoms[:lo], int))
+        return Chan(dim, info.atoms[lo:])
+    an.freeze(info.atoms, f"{node.name}: slices the channel axis")
     return None
 
 
@@ -1375,134 +1057,3 @@ def rule_shifted_window_attention(an: _Analyzer, node: Node) -> Info:
 def rule_no_tensor(an: _Analyzer, node: Node) -> Info:
     """Ops that read only metadata (size, dim, shape, _assert)."""
     return None
-
-
-ELEMENTWISE_NAMES = frozenset(
-    """add sub mul truediv div floordiv mod pow neg pos abs and_ or_ xor invert eq ne lt le gt ge
-    add_ sub_ mul_ div_ true_divide rsub relu relu_ relu6 gelu silu silu_ hardswish hardswish_ hardsigmoid
-    hardsigmoid_ sigmoid sigmoid_ tanh tanh_ mish elu elu_ selu celu leaky_relu leaky_relu_ softplus
-    hardtanh hardtanh_ exp log sqrt rsqrt clamp clamp_ clip where dropout dropout_ alpha_dropout
-    feature_alpha_dropout dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
-    to type_as contiguous clone detach masked_fill logit addcmul addcdiv lerp maximum minimum fmod remainder
-    sign floor ceil round trunc frac expm1 log1p log2 log10 sinh cosh nan_to_num exp_ sqrt_ neg_ mul__ copysign
-    hardshrink softshrink tanhshrink softsign threshold glu_ relu6_ gelu_""".split()
-)
-
-MODULE_RULES: dict[type, Callable] = {}
-for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
-             nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout,
-             nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax):  # fmt: skip
-    MODULE_RULES[_cls] = rule_passthrough
-for _cls in (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-             nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample):  # fmt: skip
-    MODULE_RULES[_cls] = rule_spatial
-MODULE_RULES[_ConvNd] = rule_conv_module
-MODULE_RULES[nn.Linear] = rule_linear_module
-MODULE_RULES[nn.modules.batchnorm._BatchNorm] = rule_batchnorm
-MODULE_RULES[nn.modules.instancenorm._InstanceNorm] = rule_batchnorm
-MODULE_RULES[nn.GroupNorm] = rule_groupnorm
-MODULE_RULES[nn.LayerNorm] = rule_layernorm_module
-MODULE_RULES[nn.MultiheadAttention] = rule_mha
-MODULE_RULES[nn.Embedding] = rule_embedding
-MODULE_RULES[nn.PReLU] = rule_prelu
-MODULE_RULES[nn.Flatten] = rule_flatten_module
-
-
-def _register_qcd_modules() -> None:
-    from ..nn import InterfaceGate, StateCompression
-
-    MODULE_RULES[InterfaceGate] = rule_interface_gate
-    MODULE_RULES[StateCompression] = rule_compression
-
-
-_register_qcd_modules()
-
-FUNCTION_RULES: dict[Any, Callable] = {
-    torch.cat: rule_cat,
-    torch.concat: rule_cat,
-    torch.stack: rule_stack,
-    torch.flatten: rule_flatten,
-    torch.reshape: rule_reshape_function,
-    torch.permute: rule_permute,
-    torch.transpose: rule_permute,
-    torch.swapaxes: rule_permute,
-    torch.movedim: rule_permute,
-    torch.t: rule_permute,
-    torch.chunk: rule_chunk_split,
-    torch.split: rule_chunk_split,
-    torch.matmul: rule_matmul,
-    torch.bmm: rule_matmul,
-    torch.norm: rule_norm,
-    F.scaled_dot_product_attention: rule_sdpa,
-    torch.linalg.vector_norm: rule_norm,
-    torch.unbind: rule_unbind,
-    operator.matmul: rule_matmul,
-    operator.getitem: rule_getitem,
-    getattr: rule_no_tensor,
-    torch._assert: rule_no_tensor,
-    torch.mean: rule_reduce,
-    torch.sum: rule_reduce,
-    torch.amax: rule_reduce,
-    torch.softmax: rule_softmax,
-    torch.log_softmax: rule_softmax,
-    F.softmax: rule_softmax,
-    F.log_softmax: rule_softmax,
-    F.linear: rule_linear_function,
-    torch._C._nn.linear: rule_linear_function,
-    F.conv1d: rule_conv_function,
-    F.conv2d: rule_conv_function,
-    F.conv3d: rule_conv_function,
-    torch.conv1d: rule_conv_function,
-    torch.conv2d: rule_conv_function,
-    torch.conv3d: rule_conv_function,
-    F.conv_transpose1d: rule_conv_function,
-    F.conv_transpose2d: rule_conv_function,
-    F.conv_transpose3d: rule_conv_function,
-    F.layer_norm: rule_layernorm_function,
-    F.batch_norm: rule_norm_function,
-    F.instance_norm: rule_norm_function,
-    F.group_norm: rule_norm_function,
-    F.adaptive_avg_pool1d: rule_spatial,
-    F.adaptive_avg_pool2d: rule_spatial,
-    F.adaptive_avg_pool3d: rule_spatial,
-    F.adaptive_max_pool2d: rule_spatial,
-    F.avg_pool2d: rule_spatial,
-    F.max_pool2d: rule_spatial,
-    F.interpolate: rule_spatial,
-    F.pad: rule_pad,
-    torch.nn.functional.normalize: rule_passthrough,
-}
-FUNCTION_RULES_BY_NAME: dict[str, Callable] = {
-    "torchvision.ops.stochastic_depth.stochastic_depth": rule_stochastic_depth,
-    "torchvision.models.swin_transformer._patch_merging_pad": rule_patch_merging_pad,
-    "torchvision.models.swin_transformer.shifted_window_attention": rule_shifted_window_attention,
-    "torch.nn.functional.pad": rule_pad,
-    "torch._C._nn.pad": rule_pad,
-}
-METHOD_RULES: dict[str, Callable] = {
-    "view": rule_view_method,
-    "reshape": rule_view_method,
-    "flatten": rule_flatten,
-    "permute": rule_permute,
-    "transpose": rule_permute,
-    "swapaxes": rule_permute,
-    "movedim": rule_permute,
-    "t": rule_permute,
-    "expand": rule_expand,
-    "expand_as": rule_expand,
-    "chunk": rule_chunk_split,
-    "split": rule_chunk_split,
-    "mean": rule_reduce,
-    "sum": rule_reduce,
-    "amax": rule_reduce,
-    "size": rule_no_tensor,
-    "dim": rule_no_tensor,
-    "softmax": rule_softmax,
-    "log_softmax": rule_softmax,
-    "matmul": rule_matmul,
-    "bmm": rule_matmul,
-    "norm": rule_norm,
-    "unbind": rule_unbind,
-    "reshape_as": rule_reshape_as,
-    "view_as": rule_reshape_as,
-}

@@ -1,0 +1,267 @@
+"""Spellings -> kinds: every way fx (or ``torch.export``) can write an op, mapped onto the rule
+of its kind in :mod:`.rules`. Adding a spelling is one line here."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.nn.modules.conv import _ConvNd
+
+from .core import _qualname, _Unsupported
+from .rules import (
+    rule_batchnorm,
+    rule_cat,
+    rule_chunk_split,
+    rule_compression,
+    rule_conv_function,
+    rule_conv_module,
+    rule_elementwise,
+    rule_embedding,
+    rule_expand,
+    rule_flatten,
+    rule_flatten_module,
+    rule_getitem,
+    rule_groupnorm,
+    rule_interface_gate,
+    rule_layernorm_function,
+    rule_layernorm_module,
+    rule_linear_function,
+    rule_linear_module,
+    rule_matmul,
+    rule_mha,
+    rule_no_tensor,
+    rule_norm,
+    rule_norm_function,
+    rule_pad,
+    rule_passthrough,
+    rule_patch_merging_pad,
+    rule_permute,
+    rule_prelu,
+    rule_reduce,
+    rule_reshape_as,
+    rule_reshape_function,
+    rule_sdpa,
+    rule_shifted_window_attention,
+    rule_slice,
+    rule_softmax,
+    rule_spatial,
+    rule_stack,
+    rule_stochastic_depth,
+    rule_unbind,
+    rule_view_method,
+)
+
+ELEMENTWISE_NAMES = frozenset(
+    """add sub mul truediv div floordiv mod pow neg pos abs and_ or_ xor invert eq ne lt le gt ge
+    add_ sub_ mul_ div_ true_divide rsub relu relu_ relu6 gelu silu silu_ hardswish hardswish_ hardsigmoid
+    hardsigmoid_ sigmoid sigmoid_ tanh tanh_ mish elu elu_ selu celu leaky_relu leaky_relu_ softplus
+    hardtanh hardtanh_ exp log sqrt rsqrt clamp clamp_ clip where dropout dropout_ alpha_dropout
+    feature_alpha_dropout dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
+    to type_as contiguous clone detach masked_fill logit addcmul addcdiv lerp maximum minimum fmod remainder
+    sign floor ceil round trunc frac expm1 log1p log2 log10 sinh cosh nan_to_num exp_ sqrt_ neg_ mul__ copysign
+    hardshrink softshrink tanhshrink softsign threshold glu_ relu6_ gelu_""".split()
+)
+
+MODULE_RULES: dict[type, Callable] = {}
+for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+             nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout,
+             nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax):  # fmt: skip
+    MODULE_RULES[_cls] = rule_passthrough
+for _cls in (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+             nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample):  # fmt: skip
+    MODULE_RULES[_cls] = rule_spatial
+MODULE_RULES[_ConvNd] = rule_conv_module
+MODULE_RULES[nn.Linear] = rule_linear_module
+MODULE_RULES[nn.modules.batchnorm._BatchNorm] = rule_batchnorm
+MODULE_RULES[nn.modules.instancenorm._InstanceNorm] = rule_batchnorm
+MODULE_RULES[nn.GroupNorm] = rule_groupnorm
+MODULE_RULES[nn.LayerNorm] = rule_layernorm_module
+MODULE_RULES[nn.MultiheadAttention] = rule_mha
+MODULE_RULES[nn.Embedding] = rule_embedding
+MODULE_RULES[nn.PReLU] = rule_prelu
+MODULE_RULES[nn.Flatten] = rule_flatten_module
+
+
+def _register_qcd_modules() -> None:
+    from ...nn import InterfaceGate, StateCompression
+
+    MODULE_RULES[InterfaceGate] = rule_interface_gate
+    MODULE_RULES[StateCompression] = rule_compression
+
+
+_register_qcd_modules()
+
+FUNCTION_RULES: dict[Any, Callable] = {
+    torch.cat: rule_cat,
+    torch.concat: rule_cat,
+    torch.stack: rule_stack,
+    torch.flatten: rule_flatten,
+    torch.reshape: rule_reshape_function,
+    torch.permute: rule_permute,
+    torch.transpose: rule_permute,
+    torch.swapaxes: rule_permute,
+    torch.movedim: rule_permute,
+    torch.t: rule_permute,
+    torch.chunk: rule_chunk_split,
+    torch.split: rule_chunk_split,
+    torch.matmul: rule_matmul,
+    torch.bmm: rule_matmul,
+    torch.norm: rule_norm,
+    F.scaled_dot_product_attention: rule_sdpa,
+    torch.linalg.vector_norm: rule_norm,
+    torch.unbind: rule_unbind,
+    operator.matmul: rule_matmul,
+    operator.getitem: rule_getitem,
+    getattr: rule_no_tensor,
+    torch._assert: rule_no_tensor,
+    torch.mean: rule_reduce,
+    torch.sum: rule_reduce,
+    torch.amax: rule_reduce,
+    torch.softmax: rule_softmax,
+    torch.log_softmax: rule_softmax,
+    F.softmax: rule_softmax,
+    F.log_softmax: rule_softmax,
+    F.linear: rule_linear_function,
+    torch._C._nn.linear: rule_linear_function,
+    F.conv1d: rule_conv_function,
+    F.conv2d: rule_conv_function,
+    F.conv3d: rule_conv_function,
+    torch.conv1d: rule_conv_function,
+    torch.conv2d: rule_conv_function,
+    torch.conv3d: rule_conv_function,
+    F.conv_transpose1d: rule_conv_function,
+    F.conv_transpose2d: rule_conv_function,
+    F.conv_transpose3d: rule_conv_function,
+    F.layer_norm: rule_layernorm_function,
+    F.batch_norm: rule_norm_function,
+    F.instance_norm: rule_norm_function,
+    F.group_norm: rule_norm_function,
+    F.adaptive_avg_pool1d: rule_spatial,
+    F.adaptive_avg_pool2d: rule_spatial,
+    F.adaptive_avg_pool3d: rule_spatial,
+    F.adaptive_max_pool2d: rule_spatial,
+    F.avg_pool2d: rule_spatial,
+    F.max_pool2d: rule_spatial,
+    F.interpolate: rule_spatial,
+    F.pad: rule_pad,
+    torch.nn.functional.normalize: rule_passthrough,
+}
+FUNCTION_RULES_BY_NAME: dict[str, Callable] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": rule_stochastic_depth,
+    "torchvision.models.swin_transformer._patch_merging_pad": rule_patch_merging_pad,
+    "torchvision.models.swin_transformer.shifted_window_attention": rule_shifted_window_attention,
+    "torch.nn.functional.pad": rule_pad,
+    "torch._C._nn.pad": rule_pad,
+}
+METHOD_RULES: dict[str, Callable] = {
+    "view": rule_view_method,
+    "reshape": rule_view_method,
+    "flatten": rule_flatten,
+    "permute": rule_permute,
+    "transpose": rule_permute,
+    "swapaxes": rule_permute,
+    "movedim": rule_permute,
+    "t": rule_permute,
+    "expand": rule_expand,
+    "expand_as": rule_expand,
+    "chunk": rule_chunk_split,
+    "split": rule_chunk_split,
+    "mean": rule_reduce,
+    "sum": rule_reduce,
+    "amax": rule_reduce,
+    "size": rule_no_tensor,
+    "dim": rule_no_tensor,
+    "softmax": rule_softmax,
+    "log_softmax": rule_softmax,
+    "matmul": rule_matmul,
+    "bmm": rule_matmul,
+    "norm": rule_norm,
+    "unbind": rule_unbind,
+    "reshape_as": rule_reshape_as,
+    "view_as": rule_reshape_as,
+}
+
+
+def _aten_table() -> dict[Any, Callable]:
+    """ATen overload packets (what ``torch.export`` records) whose arguments come in the order of
+    the ``torch``/``F`` spelling their rule reads. Packets missing from this torch are skipped."""
+    aten = torch.ops.aten
+    names = {
+        rule_cat: ["cat", "concat"],
+        rule_stack: ["stack"],
+        rule_reshape_function: ["view", "reshape", "_unsafe_view"],
+        rule_flatten: ["flatten"],
+        rule_permute: ["permute", "transpose", "t", "swapaxes", "movedim"],
+        rule_expand: ["expand"],
+        rule_chunk_split: ["split", "chunk"],
+        rule_unbind: ["unbind"],
+        rule_matmul: ["matmul", "bmm"],
+        rule_reduce: ["mean", "sum", "amax"],
+        rule_softmax: ["softmax", "_softmax", "log_softmax", "_log_softmax"],
+        rule_linear_function: ["linear"],
+        rule_conv_function: ["conv1d", "conv2d", "conv3d"],
+        rule_layernorm_function: ["layer_norm"],
+        rule_norm_function: ["group_norm", "instance_norm"],
+        rule_sdpa: ["scaled_dot_product_attention"],
+        rule_spatial: [
+            "adaptive_avg_pool1d",
+            "adaptive_avg_pool2d",
+            "adaptive_avg_pool3d",
+            "adaptive_max_pool2d",
+            "avg_pool2d",
+            "max_pool2d",
+            "upsample_nearest2d",
+            "upsample_bilinear2d",
+        ],
+        rule_pad: ["pad", "constant_pad_nd"],
+        rule_slice: ["slice"],
+        rule_no_tensor: ["sym_size", "sym_numel", "_assert_tensor_metadata"],
+    }
+    table: dict[Any, Callable] = {}
+    for rule, ops in names.items():
+        for op in ops:
+            packet = getattr(aten, op, None)
+            if packet is not None:
+                table[packet] = rule
+    return table
+
+
+ATEN_RULES = _aten_table()
+
+_ELEMENTWISE_MODULES = ("_operator", "operator", "torch", "torch.nn.functional", "torch._C._nn", "math")
+
+
+def rule_for(gm: GraphModule, node: Node) -> Callable:
+    """The rule of ``node``'s kind, from its spelling; raises ``_Unsupported`` (naming the op)
+    when no table knows it (the analysis then leaves the channels it touches alone)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        for cls in type(m).__mro__:
+            rule = MODULE_RULES.get(cls)
+            if rule is not None:
+                return lambda an, n, rule=rule, m=m: rule(an, n, m)
+        raise _Unsupported(f"no pruning rule for module {type(m).__name__}")
+    if node.op == "call_function":
+        target = node.target
+        rule = FUNCTION_RULES.get(target) or FUNCTION_RULES_BY_NAME.get(_qualname(target))
+        if rule is None and isinstance(target, torch._ops.OpOverload):
+            rule = ATEN_RULES.get(target) or ATEN_RULES.get(target.overloadpacket)
+            if rule is None and target.overloadpacket.__name__ in ELEMENTWISE_NAMES:
+                rule = rule_elementwise
+        if rule is None and getattr(target, "__name__", "") in ELEMENTWISE_NAMES and getattr(target, "__module__", "") in _ELEMENTWISE_MODULES:
+            rule = rule_elementwise
+        if rule is None:
+            raise _Unsupported(f"no pruning rule for {_qualname(target)}")
+        return rule
+    rule = METHOD_RULES.get(node.target)
+    if rule is None and node.target in ELEMENTWISE_NAMES:
+        rule = rule_elementwise
+    if rule is None:
+        raise _Unsupported(f"no pruning rule for method .{node.target}()")
+    return rule

@@ -1,0 +1,51 @@
+"""One rule per kind of op, whatever its spelling: a module, ``torch.nn.functional``, a tensor
+method, ``torch.*`` or the ATen overload ``torch.export`` records. The same network pruned from
+its fx trace and from its ``torch.export`` graph keeps the same channels."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qcd_fx
+from qcd_fx.passes.dependency import rules
+from qcd_fx.passes.dependency.spellings import ATEN_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+
+
+def test_spellings_of_one_kind_share_its_rule():
+    aten = torch.ops.aten
+    assert FUNCTION_RULES[torch.cat] is ATEN_RULES[aten.cat] is rules.rule_cat
+    assert FUNCTION_RULES[F.group_norm] is ATEN_RULES[aten.group_norm] is rules.rule_norm_function
+    assert FUNCTION_RULES[F.batch_norm] is FUNCTION_RULES[F.instance_norm] is rules.rule_norm_function
+    assert METHOD_RULES["split"] is FUNCTION_RULES[torch.split] is ATEN_RULES[aten.split] is rules.rule_chunk_split
+    assert METHOD_RULES["unbind"] is FUNCTION_RULES[torch.unbind] is ATEN_RULES[aten.unbind] is rules.rule_unbind
+    assert FUNCTION_RULES[F.scaled_dot_product_attention] is ATEN_RULES[aten.scaled_dot_product_attention] is rules.rule_sdpa
+    assert MODULE_RULES[nn.Linear] is rules.rule_linear_module and FUNCTION_RULES[F.linear] is ATEN_RULES[aten.linear]
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        left, right = y.split(8, dim=1)
+        z = torch.cat([right, left], 1).view(x.shape[0], 16)
+        return self.c(self.b(z)[:, :8] * 2)
+
+
+def test_export_graph_prunes_like_the_fx_trace():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x = torch.randn(2, 8)
+    spec = "cdg-prune{criterion=l1}"
+    from_fx = qcd_fx.transform(model, spec, example_inputs=x)
+    exported = torch.export.export(model, (x,)).module()
+    assert any(isinstance(n.target, torch._ops.OpOverload) for n in exported.graph.nodes)  # ATen spellings
+    from_export = qcd_fx.transform(exported, spec, example_inputs=x)
+    widths = lambda r: sorted(tuple(w) for w in r.report.passes[0].stats["widths"].values())  # noqa: E731
+    assert widths(from_fx) == widths(from_export) == [(16, 8), (16, 8)]
+    assert not any("no pruning rule" in n for n in from_export.report.notes())
+    torch.testing.assert_close(from_export.graph_module(x), from_fx.graph_module(x))
