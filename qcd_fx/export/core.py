@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -176,26 +177,9 @@ def export_onnx(
                         data = f.read()
                     proto = onnx.load_model_from_string(data)
 
-            report = _write_and_check(
-                program,
-                proto,
-                data,
-                external,
-                path,
-                gm,
-                inputs,
-                reference,
-                names_in,
-                names_out,
-                dynamic_batch,
-                check,
-                check_batch,
-                atol,
-                rtol,
-                float64_factor,
-                timings,
-                exporter,
-            )
+            exported = _Serialized(program, proto, data, external, exporter)
+            checks = _CheckOptions(check, check_batch, atol, rtol, float64_factor)
+            report = _write_and_check(exported, path, gm, inputs, reference, names_in, names_out, dynamic_batch, checks, timings)
         finally:
             if tmp_dir is not None:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -206,26 +190,30 @@ def export_onnx(
     return report
 
 
-def _write_and_check(
-    program,
-    proto,
-    data,
-    external,
-    path,
-    gm,
-    inputs,
-    reference,
-    names_in,
-    names_out,
-    dynamic_batch,
-    check,
-    check_batch,
-    atol,
-    rtol,
-    float64_factor,
-    timings,
-    exporter,
-) -> ExportReport:
+@dataclass(frozen=True)
+class _Serialized:
+    """What an exporter produced: the program (dynamo) or None, the proto (None with external
+    weights), its bytes (None with external weights), and which exporter."""
+
+    program: Any
+    proto: Any
+    data: bytes | None
+    external: bool
+    exporter: str
+
+
+@dataclass(frozen=True)
+class _CheckOptions:
+    check: bool
+    check_batch: int | None
+    atol: float
+    rtol: float
+    float64_factor: float
+
+
+def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_in, names_out, dynamic_batch, checks: _CheckOptions, timings) -> ExportReport:
+    program, proto, data, external, exporter = exported.program, exported.proto, exported.data, exported.external, exported.exporter
+    check, check_batch, atol, rtol, float64_factor = checks.check, checks.check_batch, checks.atol, checks.rtol, checks.float64_factor
     import onnx
 
     with contextlib.ExitStack() as stack:

@@ -865,17 +865,18 @@ def rule_slice(an: _Analyzer, node: Node) -> Info:
     return None
 
 
-def rule_reduce(an: _Analyzer, node: Node) -> Info:
+def _reduction(an: _Analyzer, node: Node, dims_at: int) -> Info:
+    """A reduction whose ``dim`` is positional argument ``dims_at`` (``keepdim`` the next one)."""
     info = an.of(node.args[0])
     in_shape, out_shape = an.shape(node.args[0]), an.shape(node)
     if not isinstance(info, (Chan, ParamRef)) or in_shape is None:
         return None
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = node.args[dims_at] if len(node.args) > dims_at else node.kwargs.get("dim")
+    keepdim = node.args[dims_at + 1] if len(node.args) > dims_at + 1 else node.kwargs.get("keepdim", False)
     if isinstance(info, ParamRef):
         an.pin(info.name, f"{node.name}: parameter reduced")
         return None
-    if dims is None:
+    if dims is None:  # over everything: a scalar
         return None
     dims = [dims] if isinstance(dims, int) else list(dims)
     if not all(isinstance(d, int) for d in dims):
@@ -884,32 +885,20 @@ def rule_reduce(an: _Analyzer, node: Node) -> Info:
     if info.axis in dims:
         return None
     axis = info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis)
-    if out_shape is None or isinstance(out_shape, tuple) and len(out_shape) <= axis:
+    if out_shape is None or len(out_shape) <= axis:
         return None
     return Chan(axis, info.atoms)
+
+
+def rule_reduce(an: _Analyzer, node: Node) -> Info:
+    """``mean``/``sum``/``amax`` over ``dim``: channels on a kept axis pass through."""
+    return _reduction(an, node, 1)
 
 
 def rule_norm(an: _Analyzer, node: Node) -> Info:
     """``x.norm(p, dim, keepdim)``, ``torch.norm`` and ``torch.linalg.vector_norm(x, ord, dim,
     keepdim)`` (ConvNeXt-V2's GRN): a reduction whose dims come after the order argument."""
-    info = an.of(node.args[0])
-    in_shape = an.shape(node.args[0])
-    if not isinstance(info, (Chan, ParamRef)) or in_shape is None:
-        return None
-    if isinstance(info, ParamRef):
-        an.pin(info.name, f"{node.name}: parameter reduced")
-        return None
-    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
-    if dims is None:  # a norm over everything: a scalar
-        return None
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not all(isinstance(d, int) for d in dims):
-        raise _Unsupported("norm over computed dims")
-    dims = [_norm_axis(d, len(in_shape)) for d in dims]
-    if info.axis in dims:
-        return None
-    return Chan(info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis), info.atoms)
+    return _reduction(an, node, 2)
 
 
 def rule_unbind(an: _Analyzer, node: Node) -> Info:
