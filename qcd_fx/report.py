@@ -137,7 +137,8 @@ def changes(stats: dict[str, Any], widths_shown: int = 3) -> str:
     if stats.get("branches_removed"):
         parts.append(f"{stats['branches_removed']} branch(es) removed")
     if "groups" in stats:
-        parts.append(f"{stats.get('groups_pruned', 0)}/{stats['groups']} groups pruned, -{stats.get('channels_removed', 0)} channels")
+        asked = f"ratio {stats['requested_ratio']:g}: " if stats.get("requested_ratio") is not None else ""
+        parts.append(f"{asked}{stats.get('groups_pruned', 0)}/{stats['groups']} groups pruned, -{stats.get('channels_removed', 0)} channels")
         widths = [(name.split(" (", 1)[0], w) for name, w in (stats.get("widths") or {}).items() if w[0] != w[1]]
         shown = ", ".join(f"{name} {w[0]}->{w[1]}" for name, w in widths[:widths_shown])
         if shown:

@@ -22,6 +22,7 @@ MODELS = [
     ("levit_128s", {"img_size": 64}, 64, 3.0),  # reshape_as, attention-bias caches
     ("fastvit_t8", {}, 64, 3.0),  # grouped convolutions with a channel multiplier
     ("coat_lite_tiny", {"img_size": 64}, 64, 1.3),  # reshape(B, N, 3, heads, C // heads), C from x.shape
+    ("mixer_s16_224", {"img_size": 64}, 64, 3.0),  # a Linear over the token axis (channels pass through)
 ]
 
 

@@ -235,7 +235,15 @@ def _linear(an: _Analyzer, node: Node, path: str, weight: str, bias: str | None,
             if path:
                 an.rewrite_attr(path, "in_features", info.atoms)
         else:
-            an.freeze(info.atoms, f"{node.name}: linear layer over a value with channels on another axis")
+            # a Linear over another axis (MLP-Mixer's token mixing): the channels pass through on
+            # their axis; this layer's own width is not tracked (a value has one channel axis), so
+            # it stays, and so does the next layer's input
+            an.freeze(out_atoms, f"{node.name}: linear layer over a non-channel axis (its width is kept)")
+            if bias is not None:
+                an.bind(bias, 0, out_atoms)
+            if path:
+                an.rewrite_attr(path, "out_features", out_atoms)
+            return Chan(info.axis, info.atoms)
     elif isinstance(info, ParamRef):
         an.pin(info.name, f"{node.name}: parameter fed to a linear layer")
     if bias is not None:
