@@ -27,6 +27,7 @@ CASES = {
     "optimizers": (["--out", "{out}"], "optimizers_smoke.json", {"meta", "cce_step_cost", "qimad_step_cost", "accuracy", "qimad_keval", "defaults"}),
     "qimad_small": (["--out", "{out}/qimad_small.json"], "qimad_small.json", {"meta", "configs"}),
     "global_opt": (["--out", "{out}/global_opt", "--methods", *GLOBAL_METHODS], "global_opt.json", {"meta", "functions", "digits"}),
+    "timm_sweep": (["--out", "{out}/timm_sweep"], "timm_sweep.json", {"meta", "summary", "rows"}),
 }
 
 

@@ -32,7 +32,7 @@ def load(name: str) -> dict:
     return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
-J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt")}
+J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep")}
 
 
 def shown_as(token: str, value: float) -> bool:
@@ -449,6 +449,17 @@ def global_claims(d: dict) -> list:
     ]
 
 
+def timm_claims(d: dict) -> list:
+    s = d["summary"]
+    return [
+        ("covers {} families so far", [s["families"]]),
+        ("Of these, {} trace with fx, {} prune to a valid model", [s["traced"], s["pruned_valid"]]),
+        ("{} of them by at least {}x in MACs, and {} of the pruned models export", [s["floor"], d["meta"]["floor"], s["onnx_ok"]]),
+        ("Torch-Pruning's model runs for {}.", [s["tp_runs"]]),
+        ("Median MACs reduction on the {} families both prune: {}x (qcd-fx) and {}x (Torch-Pruning)", [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"]]),
+    ]
+
+
 CLAIMS = [
     *transform_claims(J["transform_cost"]),
     *load_claims(J["load_time"]),
@@ -456,6 +467,7 @@ CLAIMS = [
     *prune_claims(J["prune"]),
     *optimizer_claims(J["optimizers"]),
     *global_claims(J["global_opt"]),
+    *timm_claims(J["timm_sweep"]),
 ]
 
 
