@@ -23,6 +23,7 @@ MODELS = [
     ("fastvit_t8", {}, 64, 3.0),  # grouped convolutions with a channel multiplier
     ("coat_lite_tiny", {"img_size": 64}, 64, 1.3),  # reshape(B, N, 3, heads, C // heads), C from x.shape
     ("mixer_s16_224", {"img_size": 64}, 64, 3.0),  # a Linear over the token axis (channels pass through)
+    ("cspnext_tiny", {}, 64, 3.0),  # one ranking over cat(main, short) -> SE: no layer may lose every channel
 ]
 
 

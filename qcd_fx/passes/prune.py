@@ -302,7 +302,23 @@ def _select(deps: Dependencies, scores: np.ndarray, round_to: int, *, ratio: flo
         drop = int((s < threshold).sum()) if threshold is not None else math.floor(ratio * n + 1e-9)
         keep = _keep_count(n, drop, round_to)
         removed.append(g.units[np.argsort(s, kind="stable")][: n - keep])
-    return np.concatenate(removed) if removed else np.zeros(0, np.int64)
+    if not removed:
+        return np.zeros(0, np.int64)
+    return _keep_every_layer(deps, scores, np.concatenate(removed))
+
+
+def _keep_every_layer(deps: Dependencies, scores: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Put back the best-scored unit of any layer (family) or cut-out section (a slice, a split
+    piece) that would otherwise lose every channel: a group's ranking spans several layers (a
+    concatenation feeding one squeeze-excite, say), and its lowest units can all be one layer's."""
+    dropped = np.zeros(deps.num_atoms, dtype=bool)
+    dropped[removed] = True
+    for atoms in deps.nonempty:
+        units = np.unique(deps.labels[atoms])
+        if len(units) and (units != FROZEN).all() and dropped[units].all():
+            best = units[np.argmax(scores[units])]
+            dropped[best] = False
+    return np.flatnonzero(dropped)
 
 
 def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple) -> tuple[np.ndarray, str | None]:

@@ -81,6 +81,9 @@ class Dependencies:
     groups: list[Group]
     producers: dict[str, Chan]  # node name -> channels it produces (for activation scoring)
     aliases: dict[str, list[str]]  # canonical tensor name -> every name of that tensor
+    # atom sets that must keep at least one channel: every family (a layer's width) and the
+    # sub-ranges rules cut out of one (channel slices, split sections)
+    nonempty: list[np.ndarray] = field(default_factory=list)
 
     def kept_atoms(self, removed_units: np.ndarray) -> np.ndarray:
         """Boolean keep mask per atom after removing ``removed_units`` (unit labels)."""
@@ -108,6 +111,7 @@ class _Analyzer:
         self.canon: dict[str, str] = {}
         self.aliases: dict[str, list[str]] = defaultdict(list)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.nonempty: list[np.ndarray] = []
         by_id: dict[int, str] = {}
         for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
             first = by_id.setdefault(id(t), name)
@@ -129,6 +133,11 @@ class _Analyzer:
             raise AssertionError(f"cannot unify {a.shape} with {b.shape}")
         self.pairs_a.append(np.asarray(a, dtype=np.int64).ravel())
         self.pairs_b.append(np.asarray(b, dtype=np.int64).ravel())
+
+    def keep_some(self, atoms: np.ndarray) -> None:
+        """At least one of ``atoms`` must stay (a slice or split section that would be empty)."""
+        if len(atoms):
+            self.nonempty.append(np.asarray(atoms, dtype=np.int64).ravel())
 
     def freeze(self, atoms: np.ndarray, reason: str) -> None:
         if atoms.size:
@@ -274,6 +283,7 @@ class _Analyzer:
             groups=groups,
             producers=self.producers,
             aliases=dict(self.aliases),
+            nonempty=[np.arange(starts[f], starts[f + 1]) for f in range(len(self.family_starts))] + self.nonempty,
         )
 
 

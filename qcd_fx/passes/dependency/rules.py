@@ -735,6 +735,7 @@ def rule_chunk_split(an: _Analyzer, node: Node) -> Info:
             for i, s in enumerate(sizes):
                 atoms = info.atoms[start : start + s]
                 an.arg_rewrites.append(ArgRewrite(node.name, (1, i), atoms, int))
+                an.keep_some(atoms)
                 pieces.append(Chan(dim, atoms))
                 start += s
             return tuple(pieces)
@@ -833,9 +834,11 @@ def _channel_slice(an: _Analyzer, node: Node, info: Chan, size: int, out_axis: i
     path = (1, pos) if isinstance(node.args[1], tuple) else (1,)
     if start == 0 and 0 < stop <= size:  # (stop == size: a slice that keeps everything, spelt with the width)
         an.arg_rewrites.append(ArgRewrite(node.name, path, info.atoms[:stop], lambda n: slice(None, n, None)))
+        an.keep_some(info.atoms[:stop])
         return Chan(out_axis, info.atoms[:stop])
     if stop == size and 0 < start < size:
         an.arg_rewrites.append(ArgRewrite(node.name, path, info.atoms[:start], lambda n: slice(n, None, None)))
+        an.keep_some(info.atoms[start:])
         return Chan(out_axis, info.atoms[start:])
     return None
 
@@ -865,9 +868,11 @@ def rule_slice(an: _Analyzer, node: Node) -> Info:
         return info if isinstance(info, Chan) else None
     if step in (None, 1) and lo == 0 and len(node.args) > 3:
         an.arg_rewrites.append(ArgRewrite(node.name, (3,), info.atoms[:hi], int))
+        an.keep_some(info.atoms[:hi])
         return Chan(dim, info.atoms[:hi])
     if step in (None, 1) and hi == size and len(node.args) > 2:
         an.arg_rewrites.append(ArgRewrite(node.name, (2,), info.atoms[:lo], int))
+        an.keep_some(info.atoms[lo:])
         return Chan(dim, info.atoms[lo:])
     an.freeze(info.atoms, f"{node.name}: slices the channel axis")
     return None
