@@ -75,6 +75,7 @@ import time
 import warnings
 
 import torch
+from prune import _rss_bytes  # the sibling script (benchmarks/ is on sys.path when a script runs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC_QCI = "qci"
@@ -475,17 +476,6 @@ def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: f
         if stage in ("start", "build", "measure"):
             row["error"] = f"{stage}: {stopped}"
     return row
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def one_main(args) -> None:
