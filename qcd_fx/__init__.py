@@ -2,12 +2,14 @@
 
 Public API::
 
-    gm = qcd_fx.trace(model)
+    gm = qcd_fx.trace(model)                                   # torch.fx
+    gm = qcd_fx.trace(model, (x,), capture="export")          # torch.export (Hugging Face, untraceable models)
     result = qcd_fx.transform(model, "qci,csc", example_inputs=(x,))
     result.graph_module, result.report
     qcd_fx.Pipeline.parse("qci{min_width=64}")
     qcd_fx.passes.registry()
     qcd_fx.save(result.graph_module, "model.qcd.pt"); qcd_fx.load("model.qcd.pt")
+    qcd_fx.save(result.graph_module, "model.pt2")             # torch.export.save: plain PyTorch loads it
     report = qcd_fx.export_onnx(result.graph_module, (x,), "model.onnx")   # needs the [onnx] extra
 """
 

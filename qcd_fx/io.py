@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import safe_graph
-from .errors import ModelLoadError, UnsafeLoadError, UsageError, first_line, require
+from .errors import ModelLoadError, ModelRunError, UnsafeLoadError, UsageError, first_line, require
 
 FORMAT = safe_graph.FORMAT
 DEFAULT_ALLOW = safe_graph.DEFAULT_ALLOW
@@ -171,9 +171,59 @@ def load_model(
         if weights:
             load_weights(model, weights)
         return model
+    if _hf_config_path(source) is not None:
+        if weights:
+            raise UsageError("--weights does not apply to a Hugging Face directory (its weights are the directory's safetensors files)")
+        return _hf_model(source)
     if weights:
         raise UsageError("--weights applies to a torchvision:NAME, timm:NAME or package.module:factory model, not to a model file")
     return load(source, trust_pickle=trust_pickle, allow=allow)
+
+
+def _hf_config_path(source: str) -> str | None:
+    """``config.json`` of a ``save_pretrained`` directory, or a bare ``config.json`` path."""
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
+        return os.path.join(source, "config.json")
+    if os.path.basename(source) == "config.json" and os.path.isfile(source):
+        return source
+    return None
+
+
+def _hf_model(source: str) -> nn.Module:
+    """A transformers model from a ``save_pretrained`` directory (config + safetensors weights)
+    or a bare ``config.json`` (random weights). No remote code runs (``trust_remote_code=False``),
+    nothing is downloaded, and weights load only from safetensors (no pickle). Decoders are built
+    with ``use_cache=False`` (a key/value cache is state torch.export cannot capture as input)."""
+    require("transformers", "hf", "Hugging Face model directories")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    config_path = _hf_config_path(source)
+    directory = os.path.dirname(config_path) or "."
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{config_path!r} is not a transformers config: {type(e).__name__}: {first_line(e)}") from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        cls = transformers.AutoModel
+    has_weights = os.path.isdir(source) and any(f.endswith(".safetensors") for f in os.listdir(directory))
+    pickled = os.path.isdir(source) and any(f.endswith(".bin") for f in os.listdir(directory))
+    try:
+        if has_weights:
+            model = cls.from_pretrained(directory, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True)
+        elif pickled:
+            raise ModelLoadError(f"{directory!r} holds only pickled weights (.bin); save them as safetensors (save_pretrained(..., safe_serialization=True))")
+        else:
+            model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"transformers cannot build {names[0] if names else config.model_type!r} from {config_path!r}: {type(e).__name__}: {first_line(e)}") from None
+    return model.eval()
 
 
 def _timm_model(name: str) -> nn.Module:
@@ -194,8 +244,26 @@ def _timm_model(name: str) -> nn.Module:
         raise ModelLoadError(f"timm cannot build '{name}': {type(e).__name__}: {first_line(e)}") from None
 
 
+def token_range(model: nn.Module) -> int | None:
+    """The vocabulary size of a transformers text model (integer token inputs), else None."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "image_size", None) or getattr(config, "num_channels", None):
+        return None
+    vocab = getattr(config, "vocab_size", None)
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+
+
 def input_shape_of(model: nn.Module, source: str) -> list[tuple[int, ...]] | None:
-    """The default example input shape (batch 1) of a model from ``torchvision:``/``timm:``."""
+    """The default example input shape (batch 1) of a model from ``torchvision:``/``timm:`` or a
+    transformers directory (16 tokens for text models, ``image_size`` for vision models)."""
+    config = getattr(model, "config", None)
+    if config is not None and _hf_config_path(source) is not None:
+        if token_range(model):
+            return [(1, 16)]
+        size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", 3)
+        if isinstance(size, int):
+            return [(1, channels, size, size)]
+        return None
     if source.startswith("torchvision:"):
         from .zoo import input_size
 
@@ -378,7 +446,8 @@ def save(
     input_shapes: list[list[int]] | None = None,
     allow: Iterable[str] = (),
 ) -> str:
-    """Save ``gm`` atomically in the qcd-fx GraphModule format; returns ``"safe"`` or ``"pickle"``.
+    """Save ``gm`` atomically in the qcd-fx GraphModule format; returns ``"safe"`` or ``"pickle"``
+    (or ``"pt2"``: a path ending in ``.pt2`` is written by :func:`save_pt2` for plain PyTorch).
 
     The rules of :func:`load` apply (see :mod:`qcd_fx.safe_graph`): a graph that calls, reads or
     holds what a safe file may not is refused with :class:`UsageError` naming the node or module,
@@ -389,6 +458,9 @@ def save(
     """
     if not isinstance(gm, GraphModule):
         raise TypeError(f"save expects a torch.fx.GraphModule, got {type(gm).__name__}")
+    if os.fspath(path).endswith(".pt2"):
+        save_pt2(gm, path, input_shapes=input_shapes)
+        return "pt2"
     try:
         payload: Any = safe_graph.encode(gm, _policy(allow))
         if input_shapes is not None:
@@ -410,6 +482,102 @@ def save(
     return kind
 
 
+def _placeholder_inputs(gm: GraphModule, input_shapes: list[list[int]] | None) -> tuple[torch.Tensor, ...]:
+    """Example inputs for re-exporting ``gm``: the shapes and dtypes its placeholders recorded
+    (``torch.export``'s ``val``, shape propagation's ``tensor_meta``), else ``input_shapes``
+    (float). Floats are seeded N(0, 1); integers (token ids) zeros; bools ones."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        meta = node.meta.get("val", node.meta.get("tensor_meta"))
+        shape = getattr(meta, "shape", None)
+        dtype = getattr(meta, "dtype", torch.float32)
+        if shape is None and input_shapes is not None and i < len(input_shapes):
+            shape = input_shapes[i]
+        if shape is None:
+            if node.args:  # an input with a default the model runs without
+                break
+            raise UsageError("saving as .pt2 re-exports the model and needs its input shapes: run it through transform with example inputs, or give --input-shape")
+        shape = tuple(int(d) for d in shape)
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        elif dtype == torch.bool:
+            out.append(torch.ones(shape, dtype=dtype))
+        else:
+            out.append(torch.zeros(shape, dtype=dtype))
+    return tuple(out)
+
+
+def _plain_outputs(value: Any, depth: int = 0) -> Any:
+    """``value`` if its containers are all plain tuples, lists and dicts, else None."""
+    if type(value) in (tuple, list):
+        return value if all(_plain_outputs(v, depth + 1) is not None or v is None for v in value) else None
+    if type(value) is dict:
+        return value if all(_plain_outputs(v, depth + 1) is not None or v is None for v in value.values()) else None
+    return value if isinstance(value, torch.Tensor) or value is None or isinstance(value, (int, float, bool)) else None
+
+
+def _as_plain(value: Any) -> Any:
+    """Output containers as plain dicts and tuples (a Hugging Face ``ModelOutput`` is an
+    ``OrderedDict`` subclass; a named tuple a tuple): a .pt2 file whose output type needs a
+    library registered with pytree would not load in plain PyTorch."""
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_plain(v) for v in value) if type(value) in (tuple, list) else tuple(_as_plain(v) for v in value)
+    return value
+
+
+class _PlainOutputs(nn.Module):
+    def __init__(self, gm: GraphModule):
+        super().__init__()
+        self.model = gm
+
+    def forward(self, *args: Any) -> Any:
+        return _as_plain(self.model(*args))
+
+
+def save_pt2(gm: GraphModule, path: str | os.PathLike, *, input_shapes: list[list[int]] | None = None) -> None:
+    """Re-export ``gm`` with ``torch.export`` (eval mode, batch dimension dynamic where the model
+    allows) and write it with ``torch.export.save``: plain PyTorch runs the file with
+    ``torch.export.load(path).module()``, without qcd-fx installed. Inputs are positional; output
+    containers of other libraries (a Hugging Face ``ModelOutput``) are written as plain dicts."""
+    from .capture import _dynamic_shapes, _eval_mode, quiet
+
+    args = _placeholder_inputs(gm, input_shapes)
+    with _eval_mode(gm), quiet():
+        try:
+            with torch.no_grad():
+                plain = _plain_outputs(gm(*args)) is not None
+            model = gm if plain else _PlainOutputs(gm)
+            try:
+                dynamic = _dynamic_shapes(gm, args, {})
+                ep = torch.export.export(model, args, dynamic_shapes=dynamic if plain else (dynamic,), strict=False)
+            except Exception:
+                ep = torch.export.export(model, args, strict=False)
+        except Exception as e:
+            raise ModelRunError(f"torch.export cannot re-export the model for {os.fspath(path)!r}: {type(e).__name__}: {first_line(e)}") from None
+    with atomic_path(path) as tmp:
+        torch.export.save(ep, tmp)
+
+
+def _load_pt2(path: str) -> GraphModule:
+    """A ``torch.export.save`` file as a GraphModule whose dropout and batch norm follow
+    ``.train()``/``.eval()`` (see :mod:`qcd_fx.capture`)."""
+    from .capture import _plain_graph_module
+
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"model file {path!r} does not exist")
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:
+        raise ModelLoadError(f"model file {path!r} is not a readable torch.export program ({type(e).__name__}: {first_line(e)})") from None
+    gm = _plain_graph_module(ep.module(), "ExportedProgram")
+    gm.eval()
+    return gm
+
+
 def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable[str] = ()) -> nn.Module:
     """Load a model file: a qcd-fx GraphModule (safe) or, with ``trust_pickle``, a pickled module.
 
@@ -419,6 +587,8 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, allow: Iterable
     :class:`UnsafeLoadError`; a truncated or inconsistent one :class:`ModelLoadError`.
     """
     path = os.fspath(path)
+    if path.endswith(".pt2"):
+        return _load_pt2(path)
     allow = [allow] if isinstance(allow, str) else list(allow)
     policy = _policy(allow)
     try:

@@ -43,6 +43,7 @@ class Report:
     baseline: Snapshot
     passes: list[PassRow] = field(default_factory=list)
     trace_seconds: float = 0.0
+    capture: dict[str, Any] | None = None  # front end, why, what torch.export specialised (qcd_fx.capture)
 
     @property
     def final(self) -> Snapshot:
@@ -117,6 +118,8 @@ class Report:
 
         console = console or Console()
         console.print(self.table())
+        if self.capture and (self.capture["front_end"] == "export" or self.capture["reason"]):
+            console.print(f"  {capture_line(self.capture)}", markup=False, highlight=False)
         for w in self.warnings():
             console.print(f"  warning: {w}", markup=False, highlight=False, style="yellow")
         notes = self.notes()
@@ -124,6 +127,13 @@ class Report:
             console.print(f"  note: {n}", markup=False, highlight=False)
         if len(notes) > max_notes:
             console.print(f"  … {len(notes) - max_notes} more notes in the JSON report (--report FILE.json)")
+
+
+def capture_line(capture: dict[str, Any]) -> str:
+    """``captured with torch.export (torch.fx failed: …); dynamic: x dim 0 in [1, inf]``."""
+    from .capture import CaptureInfo
+
+    return CaptureInfo(**capture).describe()
 
 
 def changes(stats: dict[str, Any], widths_shown: int = 3) -> str:

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.graph import CodeGen
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import _get_qualified_name
 
 from .errors import first_line
@@ -118,7 +118,7 @@ TENSOR_FACTORIES = (
 """``torch`` functions outside ``__torch_function__`` dispatch that traced graphs call."""
 
 _TORCH_NAMESPACES = (torch, torch.functional, torch.nn.functional, torch.Tensor, torch.linalg, torch.fft, torch.special)
-_ATEN = re.compile(r"torch\.ops\.aten\.(_?[A-Za-z][A-Za-z0-9_]*)(?:\.([A-Za-z][A-Za-z0-9_]*))?")
+_ATEN = re.compile(r"torch\.ops\.aten\.(_?[A-Za-z][A-Za-z0-9_]*|__[a-z]+__)(?:\.([A-Za-z][A-Za-z0-9_]*))?")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ATOM = re.compile(r'[\x20-\x7e]+')
 """A module path atom ("layer1", "0", RegNet's "block1-0"): printable ASCII without ``"``, ``\\``
@@ -200,6 +200,10 @@ def _value_functions() -> dict[str, Callable]:
     return table
 
 
+_ATEN_OPERATORS = frozenset(f"__{op}__" for op in "and or xor lshift rshift iand ior ixor ilshift irshift".split())
+"""ATen's bitwise operators, spelt as dunders (``aten.__and__.Tensor`` in torch.export masks)."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _aten_function(qualname: str) -> Callable | None:
     """The ATen operator ``torch.ops.aten.NAME[.OVERLOAD]`` names, unless it reads files or storages."""
@@ -207,7 +211,7 @@ def _aten_function(qualname: str) -> Callable | None:
     if match is None:
         return None
     name, overload = match.group(1, 2)
-    if _is_dunder(name):
+    if _is_dunder(name) and name not in _ATEN_OPERATORS:
         return None
     try:
         packet = getattr(torch.ops.aten, name)
@@ -435,9 +439,19 @@ def _encode(gm: GraphModule) -> dict:
                 "type": _TYPE_NAMES.get(node.type),  # annotations other than these are dropped
             }
         )
-    if type(gm.graph._codegen) not in (CodeGen, FastModuleAccess):
-        raise Refused(f"the graph uses {type(gm.graph._codegen).__name__} code generation")
-    return {
+    codegen = gm.graph._codegen
+    pytree = None
+    if type(codegen) is _PyTreeCodeGen:  # torch.export graphs: inputs and outputs as pytrees
+        from torch.utils._pytree import treespec_dumps
+
+        info = codegen.pytree_info
+        try:
+            pytree = {"orig_args": list(info.orig_args), "in_spec": treespec_dumps(info.in_spec), "out_spec": treespec_dumps(info.out_spec)}
+        except Exception as e:
+            raise Refused(f"the graph's input/output structure cannot be written ({first_line(e)})") from None
+    elif type(codegen) not in (CodeGen, FastModuleAccess):
+        raise Refused(f"the graph uses {type(codegen).__name__} code generation")
+    payload = {
         "format": FORMAT,
         "version": VERSION,
         "torch": str(torch.__version__),
@@ -446,6 +460,52 @@ def _encode(gm: GraphModule) -> dict:
         "nodes": nodes,
         "tensors": enc.tensors,
     }
+    if pytree is not None:
+        payload["pytree"] = pytree
+    return payload
+
+
+def _spec_types(node: Any, out: set[str], depth: int = 0) -> None:
+    if depth > 64 or not isinstance(node, dict):
+        raise Malformed("the input/output structure is not a tree spec")
+    if node.get("type") is not None:
+        out.add(node["type"])
+    for child in node.get("children_spec") or []:
+        _spec_types(child, out, depth + 1)
+
+
+def _load_spec(text: Any, policy: Policy, what: str) -> Any:
+    """A pytree spec from the file; a container type it names must be registered with pytree
+    already, or live in an allowed package (whose module is then imported to register it)."""
+    import json
+
+    from torch.utils import _pytree as pt
+
+    if not isinstance(text, str) or len(text) > 1_000_000:
+        raise Malformed(f"the {what} spec is not a string")
+    try:
+        protocol, root = json.loads(text)
+    except (ValueError, TypeError):
+        raise Malformed(f"the {what} spec is not valid JSON") from None
+    types: set[str] = set()
+    _spec_types(root, types)
+    for name in sorted(types):
+        if name in pt.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        if not policy._allowed_root(name):
+            pkg = name.split(".")[0]
+            raise Refused(f"the {what} is a '{name}', outside the allowed packages; allow its package (load(..., allow=['{pkg}']) / --allow {pkg}) if you trust it")
+        module = name.rpartition(".")[0]
+        try:
+            importlib.import_module(module)
+        except Exception:
+            raise Refused(f"the {what} type '{name}' cannot be imported") from None
+        if name not in pt.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise Refused(f"the {what} type '{name}' is not a registered pytree container")
+    try:
+        return pt.treespec_loads(text)
+    except Exception as e:
+        raise Malformed(f"the {what} spec cannot be read ({first_line(e)})") from None
 
 
 def _root_attribute_names(gm: GraphModule) -> list[str]:
@@ -703,6 +763,14 @@ def decode(payload: Any, policy: Policy, *, build: bool = True) -> GraphModule |
         graph = dec.graph(payload.get("nodes"), root)
     except (TypeError, ValueError, RuntimeError, OverflowError, AttributeError, KeyError, IndexError) as e:  # e.g. unhashable set members
         raise Malformed(f"{type(e).__name__}: {first_line(e)}") from None
+    pytree = payload.get("pytree")
+    if pytree is not None:
+        if not isinstance(pytree, dict) or not isinstance(pytree.get("orig_args"), list):
+            raise Malformed("the input/output structure is malformed")
+        orig_args = [_check_ident(a, "an input name") for a in pytree["orig_args"]]
+        in_spec = _load_spec(pytree.get("in_spec"), policy, "input")
+        out_spec = _load_spec(pytree.get("out_spec"), policy, "output")
+        graph.set_codegen(_PyTreeCodeGen(_PyTreeInfo(orig_args, in_spec, out_spec)))
     if not build:
         return None
     try:

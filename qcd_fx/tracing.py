@@ -72,6 +72,8 @@ def _describe(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "cannot be used as inputs to control flow" in msg:
         return "Python control flow (if/while/bool) on a traced tensor"
+    if "co_varnames is too small" in msg:
+        return "its forward is wrapped by a decorator that fx cannot trace through (co_varnames is too small)"
     if "iteration" in msg.lower() and "proxy" in msg.lower():
         return "iteration over a traced tensor"
     return f"{type(exc).__name__}: {msg}"
@@ -194,20 +196,12 @@ def _check_leaf_patterns(model: nn.Module, patterns: tuple[str, ...]) -> None:
         raise UsageError(f"--leaf {pat!r} matches no module of {type(model).__name__} (a module path, a glob of paths, or a class name){hint}")
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dict | None = None) -> GraphModule:
-    """Symbolically trace ``model`` with :class:`QcdTracer`.
-
-    A :class:`GraphModule` is returned as is. The traced module shares parameters with
+def _fx_trace(model: nn.Module, leaf_modules: tuple[str, ...], concrete_args: dict | None) -> GraphModule:
+    """Symbolically trace ``model`` with :class:`QcdTracer`. The traced module shares parameters with
     ``model``; deep-copy first if the result will be modified in place. Failure raises
     :class:`~qcd_fx.errors.TraceError` naming the construct, the module it sits in, and the
     ``--leaf`` option that keeps that module opaque.
     """
-    if isinstance(model, GraphModule):
-        return model
-    if not isinstance(model, nn.Module):
-        raise TraceError(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
-    leaf_modules = tuple(leaf_modules)
-    _check_leaf_patterns(model, leaf_modules)
     tracer = QcdTracer(leaf_modules)
     with preserved_module_state(model):  # the caller's model is left as it was (caches, constants fx adds)
         try:
@@ -220,7 +214,78 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dic
                 path, cls = tracer.failed_in
                 hint = f" in module '{path}' ({cls}); keep it opaque with --leaf {path} (or --leaf {cls})"
             else:
-                hint = f" in the top-level {type(model).__name__}.forward; fx cannot trace this model as written"
-            raise TraceError(f"cannot trace {type(model).__name__}: {what}{at}{hint}") from e
+                hint = f" in the top-level {type(model).__name__}.forward"
+            err = TraceError(f"cannot trace {type(model).__name__} with torch.fx: {what}{at}{hint}; --capture export (capture=\"export\") captures it with torch.export")
+            err.detail = f"{what}{at}{hint}"
+            raise err from e
         gm = GraphModule(tracer.root, graph, type(model).__name__)  # copies what the graph reads from the root
     return fast_module_access(gm)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any = None,
+    leaf_modules: Iterable[str] = (),
+    concrete_args: dict | None = None,
+    *,
+    capture: str = "auto",
+    verbose: bool = False,
+) -> GraphModule:
+    """Capture ``model`` as a :class:`GraphModule`.
+
+    ``capture="fx"``: ``torch.fx.symbolic_trace`` with :class:`QcdTracer` (module calls stay
+    ``call_module`` nodes; ``leaf_modules`` kept opaque). ``capture="export"``:
+    ``torch.export.export`` (non-strict, batch dimension dynamic) on ``example_inputs``
+    (a tensor, a tuple of positional inputs or a dict of keyword inputs), see
+    :mod:`qcd_fx.capture`. ``"auto"`` (default): fx, and torch.export when fx fails and example
+    inputs are given. ``gm.meta["capture"]`` (a :class:`~qcd_fx.capture.CaptureInfo`) says which
+    front end captured the graph and why.
+
+    A :class:`GraphModule` is returned as is. The result shares parameters with ``model``;
+    deep-copy first if it will be modified in place. Failure raises
+    :class:`~qcd_fx.errors.TraceError` naming the construct and the module it sits in.
+    """
+    from .capture import CaptureInfo, check_capture, export_capture
+    from .inputs import split_inputs
+
+    check_capture(capture)
+    if isinstance(model, GraphModule):
+        return model
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(a, str) for a in example_inputs):
+        raise UsageError("trace(model, example_inputs, leaf_modules=...): module names to keep opaque go in leaf_modules=")
+    call = split_inputs(example_inputs)
+    leaf_modules = tuple(leaf_modules)
+    _check_leaf_patterns(model, leaf_modules)
+    if capture == "export" and leaf_modules:
+        raise UsageError("--leaf applies to torch.fx tracing; torch.export captures every module (drop --leaf or use --capture fx)")
+    reason, fx_error = "", None
+    if capture in ("auto", "fx"):
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            gm = _fx_trace(model, leaf_modules, concrete_args)
+            gm.meta["capture"] = CaptureInfo("fx", seconds=time.perf_counter() - t0)
+            return gm
+        except TraceError as e:
+            if capture == "fx" or call is None:
+                if call is None and capture == "auto":
+                    raise TraceError(f"{e}; give example inputs to capture it") from e.__cause__
+                raise
+            fx_error = e
+            reason = f"torch.fx failed: {getattr(e, 'detail', e)}"
+    if call is None:
+        raise UsageError("capture='export' needs example inputs (torch.export runs the model on them)")
+    args, kwargs = call
+    with preserved_module_state(model):
+        try:
+            gm, info = export_capture(model, args, kwargs, verbose=verbose)
+        except TraceError as e:
+            if fx_error is None:
+                raise
+            raise TraceError(f"cannot trace {type(model).__name__} with torch.fx: {fx_error.detail}; torch.export fails too: {e.detail}") from e
+    info.reason = reason
+    gm.meta["capture"] = info
+    return gm

@@ -105,9 +105,10 @@ def test_untraceable_model_suggests_leaf(workdir):
     one_line_error(
         run("transform", "user_models:untraceable", "-s", "2,16"),
         1,
-        "cannot trace Net: Python control flow",
+        "cannot trace Net with torch.fx: Python control flow",
         "user_models.py:5",
         "--leaf gate",
+        "torch.export fails too: the computation depends on tensor values",
     )
     result = run("transform", "user_models:untraceable", "-s", "2,16", "--leaf", "gate")
     assert result.exit_code == 0, result.stderr

@@ -23,7 +23,7 @@ def resolve_model(model: str | None, example: bool, weights: str | None, trust_p
         torch.manual_seed(0)
         return digits_cnn(), "example:digits_cnn", [DIGITS_INPUT_SHAPE], None
     if not model:
-        raise UsageError("missing MODEL (torchvision:NAME, timm:NAME, package.module:factory or FILE.pt); or use --example")
+        raise UsageError("missing MODEL (torchvision:NAME, timm:NAME, package.module:factory, FILE.pt, FILE.pt2 or a Hugging Face directory); or use --example")
     from ..io import INPUT_SHAPES_KEY
 
     module = load_model(model, weights=weights, trust_pickle=trust_pickle, allow=allow)
@@ -35,14 +35,23 @@ def resolve_model(model: str | None, example: bool, weights: str | None, trust_p
     return module, model, default_shape, source_file
 
 
-def example_inputs(shapes: list[str], default: list[tuple[int, ...]] | None, name: str):
-    """The example inputs of ``--input-shape`` (or the model's default shapes), seeded."""
+def example_inputs(shapes: list[str], default: list[tuple[int, ...]] | None, name: str, dtype: str | None = None, module=None):
+    """The example inputs of ``--input-shape`` (or the model's default shapes), seeded; integer
+    token ids for ``--dtype int64`` and by default for transformers text models."""
     from ..inputs import example_inputs as make
+    from ..inputs import parse_dtype
+    from ..io import token_range
 
+    vocab = token_range(module) if module is not None else None
+    kind = parse_dtype(dtype)
+    if kind is None and vocab:
+        import torch
+
+        kind = torch.int64
     if shapes:
-        return make([parse_shape(s) for s in shapes])
+        return make([parse_shape(s) for s in shapes], dtype=kind, high=vocab)
     if default:
-        return make(default)
+        return make(default, dtype=kind, high=vocab)
     raise UsageError(f"--input-shape is required for {name} (e.g. --input-shape 1,3,224,224)")
 
 

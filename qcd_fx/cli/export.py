@@ -16,7 +16,7 @@ import typer
 from ..errors import UsageError
 from .app import app, friendly, out, progress
 from .common import example_inputs, parse_shape, resolve_model
-from .options import AllowOpt, DebugOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt
+from .options import AllowOpt, CaptureOpt, DebugOpt, DtypeOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt
 
 LeafOpt = Annotated[list[str], typer.Option("--leaf", help="keep this module (path, glob or class name) opaque when tracing")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing output files")]
@@ -63,14 +63,14 @@ def export_after_transform(
     return report
 
 
-def _graph_module(module, leaf: list[str]):
+def _graph_module(module, leaf: list[str], inputs=None, capture: str = "auto"):
     import torch
 
     from ..tracing import trace
 
     if isinstance(module, torch.fx.GraphModule):
         return module
-    return trace(module, leaf)
+    return trace(module, inputs, leaf, capture=capture)
 
 
 @app.command("export")
@@ -79,6 +79,8 @@ def export_command(
     model: ModelArg = None,
     output: Annotated[Optional[str], typer.Argument(help="the .onnx file to write", show_default=False)] = None,
     input_shape: InputShapeOpt = [],  # noqa: B006 - typer needs a literal default
+    dtype: DtypeOpt = None,
+    capture: CaptureOpt = "auto",
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's, 20)")] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="skip onnx.checker and the onnxruntime-vs-PyTorch comparison")] = False,
     static_batch: Annotated[bool, typer.Option("--static-batch", help="keep the batch axis fixed at the example's size")] = False,
@@ -92,9 +94,13 @@ def export_command(
     debug: DebugOpt = False,
 ) -> None:
     """Export MODEL (a qcd-fx GraphModule file or any MODEL `transform` takes) to ONNX, verified against onnxruntime."""
+    import torch
+
     from .. import io
+    from ..capture import check_capture
     from ..export import export_onnx
 
+    check_capture(capture)
     if example and model and output is None:  # `export --example OUT.onnx`: the one argument is the output
         model, output = None, model
     if not output:
@@ -110,8 +116,10 @@ def export_command(
         with progress() as step:
             step("loading model")
             module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
-            gm = _graph_module(module, leaf)
-            inputs = example_inputs(input_shape, default_shape, name)
+            inputs = example_inputs(input_shape, default_shape, name, dtype, module)
+            if not isinstance(module, torch.fx.GraphModule):
+                module.eval()
+            gm = _graph_module(module, leaf, inputs, capture)
             step("exporting to ONNX" + ("" if no_check else " and checking with onnxruntime"))
             result = export_onnx(gm, inputs, output, dynamic_batch=not static_batch, opset=opset, check=not no_check, verbose=debug)
         if report_tmp:

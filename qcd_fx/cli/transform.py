@@ -10,7 +10,7 @@ import typer
 from ..errors import UsageError
 from .app import app, friendly, out, progress
 from .common import calibration_batches, example_inputs, resolve_model
-from .options import AllowOpt, DebugOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt
+from .options import AllowOpt, CaptureOpt, DebugOpt, DtypeOpt, InputShapeOpt, ModelArg, TrustOpt, WeightsOpt
 
 DEFAULT_PASSES = "qci,csc"
 
@@ -19,9 +19,11 @@ DEFAULT_PASSES = "qci,csc"
 @friendly
 def transform(
     model: ModelArg = None,
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="where to save the transformed GraphModule (.pt)")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="where to save the transformed model: .pt (qcd-fx GraphModule) or .pt2 (torch.export program plain PyTorch loads)")] = None,
     passes: Annotated[str, typer.Option("--passes", "-p", help="pipeline spec, e.g. 'qci{min_width=64},csc{target=activations}'")] = DEFAULT_PASSES,
     input_shape: InputShapeOpt = [],  # noqa: B006 - typer needs a literal default
+    dtype: DtypeOpt = None,
+    capture: CaptureOpt = "auto",
     report: Annotated[Optional[str], typer.Option("--report", help="write the report as JSON here")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run and verify everything, write nothing")] = False,
     example: Annotated[bool, typer.Option("--example", help="use the bundled digits CNN (input 1,1,8,8)")] = False,
@@ -39,15 +41,19 @@ def transform(
 ) -> None:
     """Trace MODEL, run the pass pipeline, verify after every pass, print the report, save the result."""
     from .. import io
+    from ..capture import check_capture
+    from ..inputs import parse_dtype
     from ..passes import Pipeline
 
     pipeline = Pipeline.parse(passes)  # spec errors before any slow work
+    check_capture(capture)
+    parse_dtype(dtype)
     inputs_src = [model] if model and os.path.exists(model) else []
     if weights:
         inputs_src.append(weights)
     if output:
-        if not output.endswith(".pt"):
-            raise UsageError(f"output {output!r} must end in .pt")
+        if not output.endswith((".pt", ".pt2")):
+            raise UsageError(f"output {output!r} must end in .pt (qcd-fx GraphModule) or .pt2 (torch.export program)")
         io.check_output_path(output, inputs=inputs_src, force=force)
     if report:
         io.check_output_path(report, inputs=inputs_src + ([output] if output else []), force=force, what="report")
@@ -64,9 +70,9 @@ def transform(
             module, name, default_shape, _ = resolve_model(model, example, weights, trust_pickle, allow)
             if not train_mode:
                 module.eval()
-            inputs = example_inputs(input_shape, default_shape, name)
+            inputs = example_inputs(input_shape, default_shape, name, dtype, module)
             calibration = calibration_batches(inputs, calib, data)
-            result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step)
+            result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step, capture=capture)
         result.report.model = name
         result.report.print(out)
         kind = None
@@ -87,7 +93,7 @@ def transform(
     if report:
         out.print(f"report written to {report}", highlight=False, markup=False, soft_wrap=True)
     if output:
-        note = "" if kind == "safe" else " (pickled: loading it needs --trust-pickle)"
+        note = {"safe": "", "pt2": " (torch.export program: torch.export.load(path).module() runs it)"}.get(kind, " (pickled: loading it needs --trust-pickle)")
         out.print(f"transformed model written to {output}{note}", highlight=False, markup=False, soft_wrap=True)
     elif not report and not onnx_out:
         out.print("nothing written; add -o OUT.pt to save the transformed model, --report FILE.json for the report")

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..analysis import eval_no_grad, tensor_leaves
+from ..capture import quiet
 from ..errors import ExportError, UsageError, first_line, require
 from ..io import atomic_path
 from .diagnose import _chain, _is_batch_constraint, _ort_failure, _ts_reason, _where_in_source, data_dependent, describe_failure
-from .exporters import _capture_inputs, _dynamo_export, _quiet_loggers, _torchscript_export
+from .exporters import _capture_inputs, _dynamo_export, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
 from .signature import _as_inputs, _second_batch, _value_variants, input_names, output_names
 from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, onnxruntime_session, weights_as_inputs
@@ -116,7 +117,7 @@ def export_onnx(
             warnings.simplefilter("always")
             with _timed(timings, "export"):
                 try:
-                    with _quiet_loggers(verbose):
+                    with quiet(verbose):
                         program = _dynamo_export(gm, _capture_inputs(inputs, dynamic_batch), names_in, names_out, dynamic_batch, opset, timings)
                 except ExportError:  # qcd-fx's own refusal (an unsupported onnxscript): no fallback
                     raise
@@ -154,7 +155,7 @@ def export_onnx(
                 with warnings.catch_warnings(record=True) as caught2, _timed(timings, "export"):
                     warnings.simplefilter("always")
                     try:
-                        with _quiet_loggers(verbose):
+                        with quiet(verbose):
                             _torchscript_export(gm, inputs, names_in, names_out, dynamic_batch, opset, ts_path, verbose)
                     except Exception as e:
                         ts_reason = _ts_reason(e)

@@ -31,33 +31,6 @@ def _capture_inputs(inputs: tuple, dynamic_batch: bool) -> tuple:
     return _second_batch(inputs, dyn, 2, seed=2)
 
 
-_NOISY_LOGGERS = ("torch._guards", "torch._dynamo", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch.onnx", "onnxscript")
-
-
-@contextlib.contextmanager
-def _quiet_loggers(verbose: bool = False) -> Iterator[None]:
-    """torch.export logs failed guards with tracebacks at ERROR level, and prints its graphs on
-    stderr, before raising; the exception carries the same information, so keep both quiet
-    during export (``verbose``: let them through, for ``--debug``)."""
-    import io
-    import logging
-
-    if verbose:
-        yield
-        return
-    saved = []
-    for name in _NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.level))
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
-
-
 @contextlib.contextmanager
 def _captured_output() -> Iterator[list[str]]:
     """Capture what native code writes to file descriptors 1 and 2 (the TorchScript exporter

@@ -14,8 +14,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..nn import InterfaceGate
 from .base import Pass, PassOutcome, option, register
-from .runtime import PassContext
 from .graph_utils import insert_module_after
+from .runtime import PassContext
 
 _FUNCTIONAL_LINEAR = {F.linear, torch._C._nn.linear}
 _FUNCTIONAL_CONV = {
@@ -23,6 +23,29 @@ _FUNCTIONAL_CONV = {
     torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
     F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3,
 }  # fmt: skip
+_aten = torch.ops.aten
+_ATEN_SITES = {  # the overload packets torch.export records -> spatial dims (0: linear)
+    _aten.linear: 0, _aten.addmm: 0,
+    _aten.conv1d: 1, _aten.conv2d: 2, _aten.conv3d: 3,
+    _aten.conv_transpose1d: 1, _aten.conv_transpose2d: 2, _aten.conv_transpose3d: 3,
+}  # fmt: skip
+
+
+def functional_site(target) -> int | None:
+    """Spatial dims of a functional or ATen Linear/Conv call (0 for linear), else None."""
+    if target in _FUNCTIONAL_LINEAR:
+        return 0
+    if target in _FUNCTIONAL_CONV:
+        return _FUNCTIONAL_CONV[target]
+    return _ATEN_SITES.get(getattr(target, "overloadpacket", None))
+
+
+def _site_name(node: Node) -> str:
+    """``encoder.layer.0.query_qci`` when the call reads a ``….weight`` attribute, else ``qci_<node>``."""
+    weight = node.args[2] if getattr(node.target, "overloadpacket", None) is _aten.addmm else (node.args[1] if len(node.args) > 1 else None)
+    if isinstance(weight, Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight"):
+        return f"{str(weight.target)[: -len('.weight')]}_qci"
+    return f"qci_{node.name}"
 
 
 def gate_site(m: nn.Module) -> tuple[int, int, int] | None:
@@ -42,7 +65,8 @@ class QCI(Pass):
     """Insert an interface gate (QCI) after every Linear/Conv whose output width > ``min_width``.
 
     One gate per call site (a module called twice gets two gates). Functional ``F.linear`` /
-    ``F.conv*d`` calls are gated when their output width is known from shape propagation;
+    ``F.conv*d`` calls and their ATen spellings in ``torch.export`` graphs (``aten.linear``,
+    ``aten.addmm``, ``aten.conv*d``) are gated when their output width is known from shape propagation;
     otherwise they are skipped and listed in the report, as are leaf modules that hide
     Linear/Conv layers inside them (e.g. ``nn.MultiheadAttention``). Original weights are never
     touched. With ``init=identity`` the model's outputs stay bit-for-bit equal.
@@ -81,7 +105,7 @@ class QCI(Pass):
                 narrow += 1
                 continue
             gate = InterfaceGate(width, channel_dim, spatial, self.init, self.rank, self.beta, generator=gen, device=ref.device, dtype=ref.dtype)
-            base = f"{node.target}_qci" if node.op == "call_module" else f"qci_{node.name}"
+            base = f"{node.target}_qci" if node.op == "call_module" else _site_name(node)
             insert_module_after(gm, node, gate, base)
             gates += 1
         for cls, found in hidden.items():
@@ -112,12 +136,11 @@ class QCI(Pass):
                 notes.append(f"skipped '{node.name}': unbatched convolution input (no batch axis)")
                 return None
             return width, channel_dim, spatial, m.weight
-        if node.op == "call_function" and (node.target in _FUNCTIONAL_LINEAR or node.target in _FUNCTIONAL_CONV):
-            spatial = _FUNCTIONAL_CONV.get(node.target, 0)
+        if node.op == "call_function" and (spatial := functional_site(node.target)) is not None:
             channel_dim = 1 if spatial else -1
             shape = _shape(node)
             if shape is None:
-                notes.append(f"skipped functional call '{node.name}' ({node.target.__name__}): output width unknown without example inputs")
+                notes.append(f"skipped functional call '{node.name}' ({getattr(node.target, '__name__', node.target)}): output width unknown without example inputs")
                 return None
             if spatial and len(shape) == spatial + 1:
                 notes.append(f"skipped functional call '{node.name}': unbatched convolution input")

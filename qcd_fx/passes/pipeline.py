@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..analysis import count_params, eval_no_grad, mac_counter, sparsity_probe
+from ..capture import check_capture
 from ..errors import (
     InputShapeError,
     ModelRunError,
@@ -38,6 +39,7 @@ from ..errors import (
     first_line,
     out_of_memory,
 )
+from ..inputs import bind_inputs, split_inputs
 from ..report import PassRow, Report, Snapshot
 from ..tracing import copy_module, fast_module_access, trace
 from .base import Pass, parse_spec
@@ -147,32 +149,39 @@ class Pipeline:
         tolerance: float = 0.0,
         calibration: Iterable[Any] | None = None,
         on_step: Callable[[str], None] | None = None,
+        capture: str = "auto",
     ) -> TransformResult:
         """Trace ``model`` (unless it is a GraphModule), run every pass, verify after each.
 
         Args:
             model: an ``nn.Module`` or ``GraphModule``. It is deep-copied first unless
                 ``copy_model=False``, so the caller's model and weights are never modified.
-            example_inputs: a tensor or tuple of positional inputs; without them only
+            example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+                (``{"input_ids": ids, "attention_mask": mask}``); without them only
                 ``lint``/``recompile`` are checked and the report has no MACs or drift.
             leaf_modules: module names, globs or class names to keep opaque while tracing.
+            capture: ``"fx"`` (``torch.fx.symbolic_trace``), ``"export"`` (``torch.export``,
+                needs example inputs) or ``"auto"`` (fx, else torch.export); see
+                :func:`qcd_fx.trace`. The report's ``capture`` says which one ran and why.
             tolerance: allowed max-abs drift for function-preserving passes (default 0: exact).
-            calibration: batches (tensors or tuples of inputs) that data-driven passes such as
+            calibration: batches (like ``example_inputs``) that data-driven passes such as
                 ``cdg-prune`` score channels on; default: the example inputs.
             on_step: called with a short description before each step (progress display).
         """
         step = on_step or (lambda _msg: None)
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
             raise UsageError(f"tolerance must be a finite number >= 0 (max-abs drift allowed), got {tolerance!r}")
-        inputs = _as_inputs(example_inputs)
+        call = split_inputs(example_inputs)
         leaf_modules = tuple(leaf_modules)
+        check_capture(capture)
         original = model
-        step("tracing")
+        step("capturing the graph")
         t0 = time.perf_counter()
         if copy_model:
             model = copy_module(model)
-        gm = trace(model, leaf_modules)
+        gm = trace(model, example_inputs, leaf_modules, capture=capture)
         trace_seconds = time.perf_counter() - t0
+        inputs = bind_inputs(gm, *call) if call is not None else None
 
         reference = None
         baseline_macs = None
@@ -202,8 +211,9 @@ class Pipeline:
             input_shapes=[list(t.shape) for t in inputs if isinstance(t, torch.Tensor)] if inputs else None,
             baseline=Snapshot(len(gm.graph.nodes), count_params(gm), baseline_macs),
             trace_seconds=trace_seconds,
+            capture=_capture_dict(gm),
         )
-        calib = [_as_inputs(b) for b in calibration] if calibration is not None else ([inputs] if inputs else [])
+        calib = [bind_inputs(gm, *split_inputs(b, "a calibration batch")) for b in calibration] if calibration is not None else ([inputs] if inputs else [])
         context = PassContext(example_inputs=inputs, calibration=tuple(calib), tolerance=tolerance)
         gm = self._run_passes(gm, context, reference, report, step)
         return TransformResult(fast_module_access(gm), report, self)
@@ -341,14 +351,9 @@ def _drift(outputs: Any, reference: Any) -> tuple[float, float]:
     return worst_abs, (worst_abs / scale if scale > 0 else worst_abs)
 
 
-def _as_inputs(example_inputs: Any) -> tuple | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
+def _capture_dict(gm: GraphModule) -> dict[str, Any] | None:
+    info = gm.meta.get("capture")
+    return info.to_dict() if info is not None else None
 
 
 def transform(model: nn.Module, passes: "str | Pipeline | Sequence[Pass]", example_inputs: Any = None, **kwargs) -> TransformResult:

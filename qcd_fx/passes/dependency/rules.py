@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from torch.fx import Node
 from torch.nn.modules.conv import _ConvNd
@@ -221,17 +222,20 @@ def rule_conv_function(an: _Analyzer, node: Node) -> Info:
     return _conv(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, groups, transposed, values["input"], groups_arg)
 
 
-def _linear(an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, x: Any) -> Info:
+def _linear(an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, x: Any, out_dim: int = 0) -> Info:
+    """``x @ W^T + b`` with ``W``'s output features on ``out_dim`` (1 for ``addmm(b, x, W)``:
+    GPT-2's ``Conv1D`` stores ``W`` as in × out)."""
+    in_dim = 1 - out_dim
     info = an.of(x)
     shape = an.shape(x)
-    label = path or node.name
+    label = path or (weight[: -len(".weight")] if weight.endswith(".weight") else node.name)
     if shape is None:
         raise _Unsupported("linear input shape unknown")
     last = len(shape) - 1
-    out_atoms = an.param_atoms(weight, 0, f"{label} (out features)")
+    out_atoms = an.param_atoms(weight, out_dim, f"{label} (out features)")
     if isinstance(info, Chan):
         if info.axis == last:
-            an.bind(weight, 1, info.atoms)
+            an.bind(weight, in_dim, info.atoms)
             if path:
                 an.rewrite_attr(path, "in_features", info.atoms)
         else:
@@ -268,6 +272,101 @@ def rule_linear_function(an: _Analyzer, node: Node) -> Info:
     if not isinstance(w, ParamRef) or w.axes != (0, 1) or (b_arg is not None and not isinstance(b, ParamRef)):
         raise _Unsupported("functional linear with computed weights")
     return _linear(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, args[0])
+
+
+def rule_addmm(an: _Analyzer, node: Node) -> Info:
+    """``addmm(bias, x, W)`` with ``W`` a parameter (in × out): a linear layer (GPT-2's ``Conv1D``
+    as ``torch.export`` records it)."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    b, w = an.of(args[0]), an.of(args[2])
+    beta = node.kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    alpha = node.kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    if not isinstance(w, ParamRef) or w.axes != (0, 1) or not isinstance(b, ParamRef) or (beta, alpha) != (1, 1):
+        raise _Unsupported("addmm with computed weights")
+    bshape = an.shape(args[0])
+    if bshape is None or len(bshape) != 1:
+        raise _Unsupported("addmm with a broadcast bias")
+    return _linear(an, node, "", w.name, b.name, args[1], out_dim=1)
+
+
+def rule_embedding_function(an: _Analyzer, node: Node) -> Info:
+    """``aten.embedding(weight, indices)`` / ``F.embedding(indices, weight)``: the rows' width is
+    the output's last axis."""
+    aten_order = isinstance(node.target, torch._ops.OpOverload)
+    w_arg = node.args[0] if aten_order else (node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+    w = an.of(w_arg)
+    shape = an.shape(node)
+    if not isinstance(w, ParamRef) or w.axes != (0, 1) or shape is None:
+        raise _Unsupported("embedding of a computed table")
+    atoms = an.param_atoms(w.name, 1, f"{w.name} (embedding dim)")
+    chan = Chan(len(shape) - 1, atoms)
+    an.producers[node.name] = chan
+    return chan
+
+
+def rule_unsqueeze(an: _Analyzer, node: Node) -> Info:
+    info = an.of(node.args[0])
+    out = an.shape(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if out is None or not isinstance(dim, int):
+        _unknown(an, node, info)
+        return None
+    dim = _norm_axis(dim, len(out))
+    if isinstance(info, Chan):
+        return Chan(info.axis + (1 if dim <= info.axis else 0), info.atoms)
+    if isinstance(info, ParamRef):
+        axes = list(info.axes)
+        axes.insert(dim, None)
+        return ParamRef(info.name, tuple(axes))
+    return None
+
+
+def rule_squeeze(an: _Analyzer, node: Node) -> Info:
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    if info is None or shape is None:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        removed = [d for d, s in enumerate(shape) if s == 1]
+    else:
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            return _unknown(an, node, info)
+        removed = [_norm_axis(d, len(shape)) for d in dims if shape[_norm_axis(d, len(shape))] == 1]
+    if isinstance(info, Chan):
+        if info.axis in removed:
+            an.freeze(info.atoms, f"{node.name}: squeezes the channel axis")
+            return None
+        return Chan(info.axis - sum(1 for d in removed if d < info.axis), info.atoms)
+    return ParamRef(info.name, tuple(a for d, a in enumerate(info.axes) if d not in removed))
+
+
+def rule_select(an: _Analyzer, node: Node) -> Info:
+    """``x.select(dim, i)`` / ``aten.select.int`` (``x[:, 0]``, a class token): one position of
+    ``dim``; channels on another axis pass through."""
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if info is None or shape is None or not isinstance(dim, int):
+        _unknown(an, node, info)
+        return None
+    dim = _norm_axis(dim, len(shape))
+    if isinstance(info, Chan):
+        if info.axis == dim:
+            an.freeze(info.atoms, f"{node.name}: selects one channel")
+            return None
+        return Chan(info.axis - (1 if dim < info.axis else 0), info.atoms)
+    if info.axes[dim] is not None and shape[dim] > 1:
+        an.pin(info.name, f"{node.name}: parameter indexed")
+        return None
+    return ParamRef(info.name, tuple(a for d, a in enumerate(info.axes) if d != dim))
+
+
+def _unknown(an: _Analyzer, node: Node, info: Info) -> None:
+    """Dims computed at run time: the channels this op touches are left alone."""
+    if info is not None:
+        an.freeze_info(info, f"{node.name}: computed dims")
 
 
 def _channel_norm(
@@ -485,6 +584,40 @@ def rule_flatten_module(an: _Analyzer, node: Node, m: nn.Module) -> Info:
     return _reshape(an, node, node.args[0], None)
 
 
+_ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum", "_scaled_dot_product_flash_attention",
+                            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"})  # fmt: skip
+_LAYOUT_OPS = frozenset("""permute transpose contiguous clone to type_as float half mul add sub neg truediv div cat slice
+    getitem unbind unsqueeze expand expand_as reshape view _unsafe_view split chunk select squeeze repeat repeat_interleave
+    dropout alias detach""".split())
+
+
+def _feeds_attention(node: Node, rank: int, depth: int = 12) -> bool:
+    """Whether a reshaped value flows, through layout and element-wise ops (a rotary embedding, a
+    scale, q/k/v unbinding, a key/value repeat), into an attention product within ``depth`` ops.
+    Reshapes that merge axes back (fewer axes than the split) end the search: ShuffleNet's channel
+    shuffle splits and merges, attention keeps the heads apart."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                name = _op_name(user)
+                if name in _ATTENTION_OPS:
+                    return True
+                if name not in _LAYOUT_OPS:
+                    continue
+                meta = user.meta.get("tensor_meta")
+                shape = getattr(meta, "shape", None)
+                if name in ("reshape", "view", "_unsafe_view") and shape is not None and len(shape) < rank:
+                    continue
+                nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, ...]] | None) -> Info:
     """Map channels through a row-major reshape; ``literal``: out axis -> args path of a literal size."""
     info = an.of(src)
@@ -520,6 +653,14 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
     table = full[index]
     if len(varying) == 1:
         chan = Chan(varying[0], np.ascontiguousarray(table))
+    elif len(out_shape) > len(in_shape) and _feeds_attention(node, len(out_shape)):
+        # (…, heads, head_dim) on the way into attention: a head is one unit (its head_dim
+        # positions pruned together, and the same head of any leading axis, e.g. timm's q/k/v
+        # axis of a fused qkv); the channels are the heads
+        heads = varying[-2]
+        table = table.reshape(-1, out_shape[heads], out_shape[varying[-1]])
+        an.union(np.broadcast_to(table[:1, :, :1], table.shape).ravel(), table.ravel())
+        chan = Chan(heads, np.ascontiguousarray(table[0, :, 0]))
     else:  # split into several axes: tie each column across the leading axes
         free = varying[-1]
         table = table.reshape(-1, out_shape[free])
@@ -665,7 +806,11 @@ def rule_expand(an: _Analyzer, node: Node) -> Info:
         return None
     offset = len(out_shape) - len(in_shape)
     if isinstance(info, Chan):
-        return Chan(info.axis + offset, info.atoms)
+        axis = info.axis + offset
+        literal = _shape_literals(node, 1).get(axis) if _op_name(node) == "expand" else None
+        if literal is not None:  # `k[:, :, None].expand(B, kv_heads, g, N, D)`: the width follows the channels
+            an.arg_rewrites.append(ArgRewrite(node.name, literal, info.atoms, int))
+        return Chan(axis, info.atoms)
     if isinstance(info, ParamRef):
         axes = [None] * offset + [a if in_shape[i] == out_shape[i + offset] else None for i, a in enumerate(info.axes)]
         return ParamRef(info.name, tuple(axes))
@@ -764,6 +909,9 @@ def rule_getitem(an: _Analyzer, node: Node) -> Info:
     if info is None or in_shape is None or not isinstance(src, Node) or an.shape(node) is None:
         return None
     idx = idx if isinstance(idx, tuple) else (idx,)
+    tensor_at = [k for k, i in enumerate(idx) if isinstance(i, Node)]
+    if len(tensor_at) == 1 and all(i == slice(None) for k, i in enumerate(idx) if k != tensor_at[0]):
+        return _gather(an, node, info, in_shape, tensor_at[0], idx[tensor_at[0]])
     if any(isinstance(i, Node) or (not isinstance(i, (int, slice)) and i is not None and i is not Ellipsis) for i in idx):
         an.freeze_info(info, f"{node.name}: advanced indexing")
         return None
@@ -817,6 +965,49 @@ def rule_getitem(an: _Analyzer, node: Node) -> Info:
                 an.pin(info.name, f"{node.name}: parameter indexed")
                 return None
         return ParamRef(info.name, tuple(axes))
+    return None
+
+
+def _gather(an: _Analyzer, node: Node, info: Info, in_shape: tuple[int, ...], axis: int, index: Node) -> Info:
+    """``x[:, idx]`` with one integer tensor ``idx`` (LeViT's ``attention_biases[:, bias_idxs]``):
+    axis ``axis`` is replaced by ``idx``'s axes; channels (or a parameter's dims) on other axes
+    pass through, channels on ``axis`` itself are left alone."""
+    idx_shape = an.shape(index)
+    meta = index.meta.get("tensor_meta")
+    if idx_shape is None or meta is None or meta.dtype.is_floating_point or meta.dtype == torch.bool:
+        an.freeze_info(info, f"{node.name}: advanced indexing")
+        return None
+
+    def moved(a: int) -> int:
+        return a if a < axis else a - 1 + len(idx_shape)
+
+    if isinstance(info, Chan):
+        if info.axis == axis:
+            an.freeze(info.atoms, f"{node.name}: gathers along the channel axis")
+            return None
+        return Chan(moved(info.axis), info.atoms)
+    if isinstance(info, ParamRef):
+        dim = info.axes[axis]
+        if dim is not None and (an.canon.get(info.name, info.name), dim) in an.bindings:
+            an.pin(info.name, f"{node.name}: parameter gathered along a dim that carries channels")
+        axes: list[int | None] = [None] * (len(in_shape) - 1 + len(idx_shape))
+        for a, t in enumerate(info.axes):
+            if a != axis:
+                axes[moved(a)] = t
+        return ParamRef(info.name, tuple(axes))
+    return None
+
+
+def rule_index(an: _Analyzer, node: Node) -> Info:
+    """``aten.index.Tensor(x, [None, idx])``: ``x[:, idx]`` as ``torch.export`` writes it."""
+    src, indices = node.args[0], node.args[1]
+    info, shape = an.of(src), an.shape(src)
+    if info is None or shape is None:
+        return None
+    tensors = [k for k, i in enumerate(indices) if i is not None]
+    if len(tensors) == 1 and isinstance(indices[tensors[0]], Node):
+        return _gather(an, node, info, shape, tensors[0], indices[tensors[0]])
+    an.freeze_info(info, f"{node.name}: advanced indexing")
     return None
 
 
@@ -949,6 +1140,9 @@ def rule_sdpa(an: _Analyzer, node: Node) -> Info:
     shape_q, shape_v = an.shape(q), an.shape(v)
     if shape_q is None or shape_v is None:
         raise _Unsupported("attention with unknown shapes")
+    heads = len(shape_q) - 3
+    if heads >= 0 and any(isinstance(i, Chan) and i.axis == heads for i in (iq, ik, iv)):
+        return _sdpa_heads(an, node, heads, (q, k, v), (iq, ik, iv))
     last = len(shape_q) - 1
     if isinstance(iq, Chan) and isinstance(ik, Chan) and iq.axis == ik.axis == last:
         an.union(iq.atoms, ik.atoms)
@@ -964,6 +1158,44 @@ def rule_sdpa(an: _Analyzer, node: Node) -> Info:
         return Chan(iv.axis, iv.atoms)
     an.freeze_info(iv, f"{node.name}: attention value channels not on the last axis")
     return None
+
+
+def _sdpa_heads(an: _Analyzer, node: Node, axis: int, qkv: tuple, infos: tuple) -> Info:
+    """Attention over channels that are whole heads (axis -3 of ``(…, heads, tokens, head_dim)``):
+    query, key and value heads are pruned together; with grouped-query attention
+    (``enable_gqa``: ``g`` query heads per key/value head) a key/value head and its ``g`` query
+    heads are one unit. A mask or bias with one slice per head follows the heads."""
+    iq, ik, iv = infos
+    if not all(isinstance(i, Chan) and i.axis == axis for i in infos):
+        for i in infos:
+            an.freeze_info(i, f"{node.name}: attention heads of query, key and value not all tracked")
+        return None
+    an.union(ik.atoms, iv.atoms)
+    nq, nk = len(iq.atoms), len(ik.atoms)
+    if nq == nk:
+        an.union(iq.atoms, ik.atoms)
+    elif nk and nq % nk == 0:  # grouped-query attention: query head h reads key/value head h // g
+        g = nq // nk
+        an.union(iq.atoms, np.repeat(ik.atoms, g))
+    else:
+        for i in infos:
+            an.freeze(i.atoms, f"{node.name}: {nq} query heads over {nk} key/value heads")
+        return None
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    shape_o = an.shape(node)
+    if isinstance(mask, Node) and shape_o is not None:
+        mshape = an.shape(mask)
+        offset = len(shape_o) - len(mshape) if mshape is not None else 0
+        own = axis - offset
+        if mshape is not None and own >= 0 and mshape[own] > 1:
+            info = an.of(mask)
+            if isinstance(info, Chan) and info.axis == own:
+                an.union(info.atoms, iq.atoms)
+            elif isinstance(info, ParamRef) and info.axes[own] is not None:
+                an.bind(info.name, info.axes[own], iq.atoms)
+            else:
+                an.freeze(iq.atoms, f"{node.name}: an attention mask with one slice per head")
+    return Chan(axis, iq.atoms)
 
 
 def rule_matmul(an: _Analyzer, node: Node) -> Info:
@@ -1001,6 +1233,23 @@ def rule_matmul(an: _Analyzer, node: Node) -> Info:
         atoms = an.param_atoms(ib.name, ib.axes[len(sb) - 1], f"{node.name} (out features)")
         out = Chan(len(so) - 1, atoms)
         an.producers[node.name] = out
+    batch_a = len(so) - len(sa) + ia.axis if isinstance(ia, Chan) and ia.axis < len(sa) - 2 else None
+    batch_b = len(so) - len(sb) + ib.axis if isinstance(ib, Chan) and ib.axis < len(sb) - 2 else None
+    if (batch_a is not None or batch_b is not None) and out is None:
+        # channels on a batch axis (attention heads in q @ k^T, attn @ v): broadcast like an
+        # element-wise op; the other side must have the same channels there or size 1
+        axis = batch_a if batch_a is not None else batch_b
+        ok = True
+        for i, side in ((ia, sa), (ib, sb)):
+            own = axis - (len(so) - len(side))
+            if own < 0 or side[own] == 1:
+                continue
+            if not (isinstance(i, Chan) and i.axis == own):
+                ok = False
+        if ok and (batch_a is None or batch_b is None or batch_a == batch_b):
+            if batch_a is not None and batch_b is not None:
+                an.union(ia.atoms, ib.atoms)
+            return Chan(axis, (ia if batch_a is not None else ib).atoms)
     for i, side in ((ia, sa), (ib, sb)):
         if isinstance(i, Chan) and i.axis < len(side) - 2:
             an.freeze(i.atoms, f"{node.name}: channels on a matmul batch axis")
