@@ -16,8 +16,6 @@ import torch
 
 from .errors import OutOfMemoryError, UsageError, out_of_memory
 
-KNOWN_DATA = ("digits",)
-
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``"1x3x224x224"``) -> ``(1, 3, 224, 224)``; a one-line UsageError otherwise."""
@@ -61,10 +59,10 @@ def example_inputs(shapes: Sequence[Sequence[int]], seed: int = 0, dtype: torch.
     return tuple(out)
 
 
-def calibration_batches(inputs: tuple[torch.Tensor, ...], count: int, data: str | None = None) -> list[tuple[torch.Tensor, ...]]:
+def calibration_batches(inputs: tuple[torch.Tensor, ...], count: int, data: Any = None) -> list[tuple[torch.Tensor, ...]]:
     """``count`` calibration batches shaped like ``inputs``: the inputs themselves plus seeded
-    N(0, 1) batches, or (``data="digits"``) consecutive batches of the digits training split
-    (at least 32 images each; as many as the split holds, up to ``count``)."""
+    N(0, 1) batches, or consecutive batches of the training part of ``data`` (a
+    :class:`qcd_fx.datasets.Data`; at least 32 samples each; as many as it holds, up to ``count``)."""
     if count < 1:
         raise UsageError(f"the number of calibration batches must be >= 1, got {count}")
     if data is None:
@@ -76,15 +74,14 @@ def calibration_batches(inputs: tuple[torch.Tensor, ...], count: int, data: str 
             return torch.randint(int(t.min()), int(t.max()) + 1, t.shape, generator=gen, dtype=t.dtype) if t.numel() else t.clone()
 
         return [inputs] + [tuple(like(t) for t in inputs) for _ in range(count - 1)]
-    if data not in KNOWN_DATA:
-        raise UsageError(f"--data {data!r} is not a known data set; known: {', '.join(KNOWN_DATA)}")
-    if len(inputs) != 1 or tuple(inputs[0].shape[1:]) not in ((1, 8, 8), (64,)):
-        raise UsageError(f"--data digits gives 1x8x8 images (or 64 features), but the model takes {describe_shapes(inputs)}")
-    from .data import load_digits_split
-
-    x = load_digits_split().x_train.reshape((-1, *inputs[0].shape[1:]))
-    size = max(inputs[0].shape[0], 32)
-    return [(x[i * size : (i + 1) * size],) for i in range(min(count, len(x) // size))]
+    batches = data.batches(count, max(inputs[0].shape[0], 32))
+    want = tuple(inputs[0].shape[1:])
+    got = tuple(batches[0][0].shape[1:])
+    if len(inputs) != 1 or (got != want and (math.prod(got), ) != want):
+        raise UsageError(f"--data {data.spec!r} gives inputs of shape {'x'.join(map(str, got))}, but the model takes {describe_shapes(inputs)}")
+    if got != want:  # an MLP over images: the data flattened
+        batches = [(b[0].flatten(1),) for b in batches]
+    return batches
 
 
 def split_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple[tuple, dict[str, Any]] | None:
@@ -141,4 +138,4 @@ def describe_shapes(tensors: Sequence[torch.Tensor]) -> str:
     return ", ".join("x".join(map(str, t.shape)) for t in tensors)
 
 
-__all__ = ["KNOWN_DATA", "bind_inputs", "calibration_batches", "describe_shapes", "example_inputs", "input_names", "parse_shape", "split_inputs"]
+__all__ = ["bind_inputs", "calibration_batches", "describe_shapes", "example_inputs", "input_names", "parse_shape", "split_inputs"]

@@ -188,7 +188,7 @@ def test_train_bad_inputs_keep_files(workdir):
     one_line_error(run("train", "--example", "--lr", "-1"), 2, "--lr -1")
     one_line_error(run("train", "--example", "--data", "mnist"), 2, "--data 'mnist'")
     one_line_error(run("train", "--example", "-o", "nodir/x"), 2, "does not exist")
-    one_line_error(run("train", "torchvision:resnet18", "-e", "1"), 2, "does not fit the digits data")
+    one_line_error(run("train", "torchvision:resnet18", "-e", "1"), 2, "does not fit --data 'digits'")
     # a diverging run says so in one line, exits 1 and writes nothing
     one_line_error(run("train", "--example", "-O", "sgd", "--lr", "1e6", "-e", "2", "-q", "-o", "div"), 1, "training diverged")
     assert not any(p.name.startswith("div") for p in workdir.iterdir())

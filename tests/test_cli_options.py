@@ -243,12 +243,12 @@ def test_bad_calib_and_data_values(workdir, monkeypatch, capsys):
     for bad in ("0", "-2", "many", "1.5"):
         one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--calib", bad), 2, "Invalid value for '--calib'", "see 'qcd-fx transform --help'")
     one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--calib"), 2, "'--calib' requires an argument")
-    one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--data", "mnist"), 2, "--data 'mnist' is not a known data set; known: digits")
-    one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--data", ""), 2, "--data '' is not a known data set")
+    one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--data", "mnist"), 2, "--data 'mnist' is not a data spec; use digits, imagefolder:DIR, tensors:FILE, module:factory")
+    one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--data", ""), 2, "--data '' is not a data spec")
     one_line_error(
         cli(monkeypatch, capsys, "transform", f"{PKG}:TrainBranch", "-s", "2,4", "--data", "digits"),
         2,
-        "--data digits gives 1x8x8 images (or 64 features), but the model takes 2x4",
+        "--data 'digits' gives inputs of shape 1x8x8, but the model takes 2x4",
     )
     one_line_error(cli(monkeypatch, capsys, "transform", "--example", "--data"), 2, "'--data' requires an argument")
 

@@ -13,10 +13,10 @@ from torch import nn
 
 import qcd_fx
 from qcd_fx.data import digits_loaders, load_digits_split, tensor_loader
+from qcd_fx.errors import UsageError
 from qcd_fx.examples import digits_cnn, digits_mlp
 from qcd_fx.optim import CCE, QIMAD
 from qcd_fx.train import History, evaluate, fit, make_optimizer, train_on_digits
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,9 +159,9 @@ def test_train_on_digits_rejects_bad_inputs(tmp_path):
         train_on_digits(digits_mlp(), "lion", 1, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         train_on_digits(digits_mlp(), "adam", 0, progress=False)
-    with pytest.raises(ValueError, match="does not fit the digits data"):
+    with pytest.raises(UsageError, match="does not fit --data 'digits'"):
         train_on_digits(nn.Linear(3, 2), "adam", 1, progress=False)
-    with pytest.raises(ValueError, match="expected \\(2, 10\\)"):
+    with pytest.raises(UsageError, match="3 class scores for 10 classes"):
         train_on_digits(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), "adam", 1, progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         train_on_digits(digits_mlp(), "adam", 1, out_prefix=tmp_path / "missing" / "run", progress=False)

@@ -7,7 +7,7 @@ the traceback instead. Outputs are validated before any work and written atomica
 module and registers itself on the app when imported here (commands never import this package).
 """
 
-from . import transform, export, optimize, train  # noqa: F401, I001 - register the commands (help lists them in this order)
+from . import transform, export, compress, optimize, train  # noqa: F401, I001 - register the commands (help lists them in this order)
 from .app import app, main
 
 __all__ = ["app", "main"]

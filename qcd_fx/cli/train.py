@@ -1,5 +1,5 @@
-"""``qcd-fx train``: (optionally transform, then) train a model on the digits data with one of
-the bundled optimizers. Registered on :data:`qcd_fx.cli.app` when this module is imported."""
+"""``qcd-fx train``: (optionally transform, then) train a model on a data spec (digits, an image
+folder, a tensor file, a factory) with one of the bundled optimizers, optionally distilling. Registered on :data:`qcd_fx.cli.app` when this module is imported."""
 
 from __future__ import annotations
 
@@ -14,25 +14,17 @@ from .common import resolve_model
 from .options import AllowOpt, DebugOpt, ModelArg, TrustOpt, WeightsOpt
 
 
-def _digits_layout(module) -> tuple:
-    """One example input in the layout ``module`` takes: ``(1, 1, 8, 8)`` images or ``(1, 64)``."""
-    from ..data import load_digits_split
-    from ..train import digits_input
-
-    x0 = load_digits_split().x_test[:2]
-    try:
-        feed = digits_input(module, x0)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return (feed(x0)[:1].clone(),)
-
-
 @app.command("train")
 @friendly
 def train_command(
     model: ModelArg = None,
     optimizer: Annotated[str, typer.Option("--optimizer", "-O", help="sgd, adam, cce, cce-seed or qimad")] = "cce",
-    data: Annotated[str, typer.Option("--data", help="training data; 'digits' (scikit-learn's 8x8 digits, 80/20 split)")] = "digits",
+    data: Annotated[str, typer.Option("--data", help="training data: digits, imagefolder:DIR, tensors:FILE (.pt/.npz with x and y), or module:factory")] = "digits",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="imagefolder: resize and centre-crop to this side (default 224)")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="fraction held out for validation where the data has no validation part")] = 0.2,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="distil from this MODEL (e.g. the unpruned original)")] = None,
+    distill: Annotated[float, typer.Option("--distill", help="weight of the teacher's soft targets in the loss (with --teacher)")] = 0.5,
+    temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature (with --teacher)")] = 2.0,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="passes over the training split")] = 15,
     passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="transform first with this pipeline spec, e.g. 'qci{rank=8},csc'")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (default: the optimizer's tuned default)")] = None,
@@ -47,17 +39,18 @@ def train_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-epoch lines")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Train MODEL (or --example) on the digits data and print the test accuracy per epoch."""
+    """Train MODEL (or --example) on --data and print the validation accuracy per epoch."""
     import torch
 
     from .. import io
+    from ..datasets import check_fits, load_data
     from ..passes import Pipeline
-    from ..train import OPTIMIZERS, output_paths, train_on_digits
+    from ..train import OPTIMIZERS, output_paths, train_on_data
 
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if data != "digits":
-        raise UsageError(f"--data {data!r} is not a known data set; known: digits")
+    if not (0 <= distill <= 1) or not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--distill must be in [0, 1] and --temperature > 0, got {distill} and {temperature}")
     if epochs < 1:
         raise UsageError(f"--epochs {epochs} must be a positive integer")
     if batch_size < 1:
@@ -78,11 +71,18 @@ def train_command(
         for p in paths.values():
             io.check_output_path(str(p), inputs=inputs_src, force=force)
     with progress(not quiet) as step:
+        step("loading data")
+        dataset = load_data(data, image_size=image_size, val_split=val_split, seed=seed)
         step("loading model")
         torch.manual_seed(seed)
         module, name, _, _ = resolve_model(model, example, weights, trust_pickle, allow)
         module.eval()
-        inputs = _digits_layout(module)
+        inputs = (check_fits(module, dataset)(dataset.example(1)).clone(),)
+        teacher_module = None
+        if teacher is not None:
+            step("loading teacher")
+            teacher_module = resolve_model(teacher, False, None, trust_pickle, allow)[0].eval()
+            check_fits(teacher_module, dataset)
         if pipeline is not None:
             result = pipeline.run(module, inputs, on_step=step)
             result.report.model = name
@@ -94,13 +94,15 @@ def train_command(
             module = trace(module)
     shapes = [list(t.shape) for t in inputs]
     try:
-        history = train_on_digits(
-            module, optimizer, epochs, batch_size=batch_size, lr=lr, seed=seed, out_prefix=output, overwrite=force,
+        history = train_on_data(
+            module, dataset, optimizer, epochs, batch_size=batch_size, lr=lr, seed=seed, out_prefix=output, overwrite=force,
             progress=not quiet, save_model=lambda m, p: io.save(m, p, input_shapes=shapes, allow=allow),
+            teacher=teacher_module, distill=distill, temperature=temperature,
         )  # fmt: skip
     except FloatingPointError as e:
         raise TrainingError(f"training diverged: {e}; nothing was written") from None
     acc = history.final_val_accuracy
-    out.print(f"{name}, {optimizer}, {epochs} epoch{'' if epochs == 1 else 's'}: test accuracy {100 * acc:.2f}%" if acc is not None else "no test accuracy", highlight=False)
+    split = dataset.val_name
+    out.print(f"{name}, {optimizer}, {epochs} epoch{'' if epochs == 1 else 's'}: {split} accuracy {100 * acc:.2f}%" if acc is not None else f"no {split} accuracy", highlight=False)
     for kind, path in history.meta.get("outputs", {}).items():
         out.print(f"{kind} written to {path}", highlight=False)

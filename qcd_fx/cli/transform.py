@@ -35,7 +35,7 @@ def transform(
     pickle_ok: Annotated[bool, typer.Option("--pickle", help="save a pickled GraphModule when the safe format cannot hold it")] = False,
     train_mode: Annotated[bool, typer.Option("--train-mode", help="trace in training mode (default: eval mode)")] = False,
     calib: Annotated[int, typer.Option("--calib", help="calibration batches for data-driven passes (cdg-prune)", min=1)] = 1,
-    data: Annotated[Optional[str], typer.Option("--data", help="calibration data: 'digits' (scikit-learn's digits images); default: random inputs")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="calibration data: digits, imagefolder:DIR, tensors:FILE or module:factory (see qcd-fx train --help); default: random inputs")] = None,
     onnx_out: Annotated[Optional[str], typer.Option("--onnx", help="also export the result to this .onnx file, verified against onnxruntime")] = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -71,7 +71,13 @@ def transform(
             if not train_mode:
                 module.eval()
             inputs = example_inputs(input_shape, default_shape, name, dtype, module)
-            calibration = calibration_batches(inputs, calib, data)
+            dataset = None
+            if data is not None:
+                from ..datasets import load_data
+
+                step("loading calibration data")
+                dataset = load_data(data)
+            calibration = calibration_batches(inputs, calib, dataset)
             result = pipeline.run(module, inputs, leaf_modules=leaf, calibration=calibration, on_step=step, capture=capture)
         result.report.model = name
         result.report.print(out)

@@ -2,14 +2,15 @@
 :func:`train_on_digits`, which the ``qcd-fx train`` command wraps.
 
 Modules: :mod:`.loop` (:func:`fit`, :func:`evaluate`, :class:`History`), :mod:`.optimizers`
-(:func:`make_optimizer`), :mod:`.digits` (:func:`train_on_digits`), :mod:`.files` (output
+(:func:`make_optimizer`), :mod:`.run` (:func:`train_on_data`), :mod:`.digits` (:func:`train_on_digits`), :mod:`.files` (output
 names, :func:`plot_history`).
 """
 
-from .digits import digits_input, train_on_digits
+from .digits import train_on_digits
 from .files import output_paths, plot_history
 from .loop import EpochRecord, History, LossFn, evaluate, fit
 from .optimizers import DEFAULT_LR, OPTIMIZERS, make_optimizer
+from .run import train_on_data
 
 __all__ = [
     "DEFAULT_LR",
@@ -17,11 +18,11 @@ __all__ = [
     "EpochRecord",
     "History",
     "LossFn",
-    "digits_input",
     "evaluate",
     "fit",
     "make_optimizer",
     "output_paths",
     "plot_history",
+    "train_on_data",
     "train_on_digits",
 ]

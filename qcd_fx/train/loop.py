@@ -99,6 +99,28 @@ def _correct(out: Tensor, target: Tensor) -> int | None:
     return int((out.argmax(1) == target).sum())
 
 
+def _logits(out: Any) -> Tensor:
+    """The class scores of a model output: a tensor, or a ``ModelOutput``/dict's ``logits``."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    raise ValueError(f"the model returns a {type(out).__name__}; training needs class scores (a tensor or .logits)")
+
+
+def _distilled(loss_fn: LossFn, teacher: nn.Module, inputs: Any, alpha: float, temperature: float) -> LossFn:
+    """``loss_fn`` mixed with the soft-target loss against ``teacher``'s outputs on ``inputs``."""
+    with torch.no_grad():
+        soft = F.log_softmax(_logits(_call(teacher, inputs)).float() / temperature, dim=-1)
+
+    def loss(out: Tensor, target: Tensor) -> Tensor:
+        log_p = F.log_softmax(_logits(out).float() / temperature, dim=-1)
+        kl = F.kl_div(log_p, soft, log_target=True, reduction="batchmean") * temperature**2
+        return (1 - alpha) * loss_fn(out, target) + alpha * kl
+
+    return loss
+
+
 def _is_population(optimizer: Optimizer) -> bool:
     return bool(getattr(optimizer, "population_based", False))
 
@@ -167,6 +189,9 @@ def fit(
     device: torch.device | str | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     val_name: str = "val",
+    teacher: nn.Module | None = None,
+    distill: float = 0.5,
+    temperature: float = 2.0,
 ) -> History:
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return the :class:`History`.
 
@@ -174,12 +199,22 @@ def fit(
     ``val_name`` names ``val_loader``'s split in the per-epoch lines (``"test"``, …).
     Batches must be ``(inputs, targets)`` pairs; ``inputs`` may be a tuple of positional inputs.
     A non-finite training loss stops training with a ``FloatingPointError`` naming the epoch/step.
+
+    Knowledge distillation: with a ``teacher`` (e.g. the unpruned model), the training loss is
+    ``(1 - distill) * loss_fn(out, target) + distill * T² * KL(softmax(teacher/T) ‖ softmax(out/T))``
+    (Hinton et al.'s soft targets at ``temperature`` T; the T² keeps the gradient scale); the
+    teacher runs in eval mode without gradients. Validation uses ``loss_fn`` alone.
     """
+    if teacher is not None and not (0 <= distill <= 1 and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {distill!r}, {temperature!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     dev = torch.device(device) if device is not None else None
+    base_loss = loss_fn
+    if teacher is not None:
+        teacher.eval()
     history = History(meta={"optimizer": type(optimizer).__name__, "epochs": epochs})
     population = _is_population(optimizer)
     closure_style = not population and _needs_closure(optimizer)
@@ -226,6 +261,7 @@ def fit(
             for step, batch in enumerate(train_loader, 1):
                 inputs, target = _split(_to_device(batch, dev))
                 n = len(target)
+                loss_fn = base_loss if teacher is None else _distilled(base_loss, teacher, inputs, distill, temperature)
                 if population:
                     loss_value = float(optimizer.step(model=model, batch=(inputs, target), loss_fn=loss_fn))
                     c = None
@@ -268,7 +304,7 @@ def fit(
             lr = _lr(optimizer)
             if scheduler is not None:
                 scheduler.step()
-            val = evaluate(model, val_loader, loss_fn, dev) if val_loader is not None else None
+            val = evaluate(model, val_loader, base_loss, dev) if val_loader is not None else None
             record = EpochRecord(
                 epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen if accuracy_known else None,
                 val_loss=val["loss"] if val else None, val_accuracy=val["accuracy"] if val else None,
