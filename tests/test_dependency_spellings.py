@@ -49,3 +49,38 @@ def test_export_graph_prunes_like_the_fx_trace():
     assert widths(from_fx) == widths(from_export) == [(16, 8), (16, 8)]
     assert not any("no pruning rule" in n for n in from_export.report.notes())
     torch.testing.assert_close(from_export.graph_module(x), from_fx.graph_module(x))
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.inorm = nn.InstanceNorm2d(16, affine=True, track_running_stats=True)
+        self.c2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.inorm(self.bn(self.c1(x))))
+        a, b = torch.split(self.c2(y), [8, 16], dim=1)  # split_with_sizes in ATen
+        return self.head(torch.cat([b, a], 1).mean((2, 3)))
+
+
+def test_aten_norms_take_their_own_argument_order():
+    """``aten.batch_norm``/``aten.instance_norm`` put weight and bias before the running statistics
+    (``F.*`` puts them after): an ``ep.module()`` graph, where they stay ATen ops, prunes like the
+    fx trace; ``aten.split_with_sizes`` like ``torch.split``."""
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    spec = "cdg-prune{criterion=l1}"
+    from_fx = qcd_fx.transform(model, spec, example_inputs=x)
+    exported = torch.export.export(model, (x,)).module()
+    targets = {getattr(n.target, "__name__", "") for n in exported.graph.nodes}
+    assert {"batch_norm.default", "instance_norm.default", "split_with_sizes.default"} <= targets
+    from_export = qcd_fx.transform(exported, spec, example_inputs=x)
+    assert not [n for n in from_export.report.notes() if "no pruning rule" in n], from_export.report.notes()
+    widths = lambda r: sorted(tuple(w) for w in r.report.passes[0].stats["widths"].values())  # noqa: E731
+    assert widths(from_fx) == widths(from_export)
+    torch.testing.assert_close(from_export.graph_module(x), from_fx.graph_module(x))

@@ -138,3 +138,44 @@ def test_a_failing_first_run_that_is_not_about_shapes_is_not_called_a_shape_erro
     with pytest.raises(qcd_fx.errors.QcdFxError) as info:
         qcd_fx.transform(nn.Sequential(nn.Linear(4, 4), nn.Sequential(Fails())), "qci", example_inputs=torch.randn(1, 4), leaf_modules=["Fails"])
     assert not isinstance(info.value, qcd_fx.errors.InputShapeError) and "the model's own failure" in str(info.value)
+
+
+class _Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 8)
+        self.c = nn.Linear(8, 32)
+        self.d = nn.Linear(32, 4)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)).view(x.shape[0], 4, 4).flatten(1))
+        return self.d(torch.relu(self.c(y)))
+
+
+def test_a_pruned_graph_that_fails_is_undone_group_by_group():
+    """If the analysis misses a size (here: the view's literal 4 is dropped from its rewrites),
+    the pruned graph fails; the pass undoes it, leaves the groups that meet the failing node
+    alone and prunes the rest, and says so."""
+    import numpy as np
+
+    from qcd_fx.passes.dependency import analyze
+    from qcd_fx.passes.prune import _apply_checked, _select
+    from qcd_fx.passes.runtime import Runner
+
+    torch.manual_seed(0)
+    gm = qcd_fx.trace(_Heads().eval())
+    x = torch.randn(3, 8)
+    Runner(gm).run(x)  # shapes
+    deps = analyze(gm)
+    view = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view")
+    deps.arg_rewrites = [rw for rw in deps.arg_rewrites if rw.node != view.name]  # the analysis "misses" it
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    removed = _select(deps, np.random.default_rng(0).random(deps.num_atoms), 1, ratio=0.5)
+    notes: list[str] = []
+    widths, kept_removed = _apply_checked(gm, deps, removed, (x,), notes)
+    assert any("left alone: pruned, the graph fails at node" in n for n in notes), notes
+    assert gm(x).shape == (3, 4)  # it runs
+    assert gm.a.weight.shape == before["a.weight"].shape  # the group through the view is untouched
+    assert gm.c.weight.shape[0] == 16  # the other group is pruned
+    assert 0 < len(kept_removed) < len(removed)

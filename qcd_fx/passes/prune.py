@@ -129,7 +129,8 @@ class CDGPrune(Pass):
             removed = _select(deps, scores, self.round_to, threshold=out_eff)
         else:
             removed = _select(deps, scores, self.round_to, ratio=self.effective_ratio)
-        widths = apply_pruning(gm, deps, removed)
+        inputs = context.example_inputs if context.example_inputs is not None else (calib[0] if calib else None)
+        widths, removed = _apply_checked(gm, deps, removed, inputs, notes)
         skipped = [g for g in deps.groups if len(g.units) == 0]
         stats.update(
             groups=len(deps.groups),
@@ -347,11 +348,64 @@ def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target
     return best, None
 
 
-def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray) -> dict[str, tuple[int, int]]:
+def _output_shapes(gm: GraphModule, inputs: tuple) -> list[tuple[int, ...]]:
+    with eval_no_grad(gm):
+        return [tuple(t.shape) for t in tensor_leaves(Runner(gm).run(*inputs))]
+
+
+def _failure(gm: GraphModule, inputs: tuple, shapes: list[tuple[int, ...]]) -> tuple[str | None, str] | None:
+    """(node, message) when the pruned graph fails on ``inputs`` or changes an output's shape."""
+    try:
+        got = _output_shapes(gm, inputs)
+    except Exception as e:
+        return getattr(e, "qcd_node", None), f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    if got != shapes:
+        return "output", "an output changed shape"
+    return None
+
+
+def _apply_checked(gm: GraphModule, deps: Dependencies, removed: np.ndarray, inputs: tuple | None, notes: list[str], attempts: int = 8) -> tuple[dict, np.ndarray]:
+    """:func:`apply_pruning`, then a run on ``inputs``: if the pruned graph fails (an op whose
+    sizes the analysis could not follow), the pruning is undone, the groups whose channels meet
+    the failing node are left alone (a note says which node and why) and the rest is pruned
+    again; if the failing node touches no pruned channel, nothing is pruned. The pass never hands
+    the pipeline a graph that does not run."""
+    shapes = _output_shapes(gm, inputs) if inputs is not None and len(removed) else None
+    for _ in range(attempts):
+        undo: list = []
+        widths = apply_pruning(gm, deps, removed, undo)
+        failed = _failure(gm, inputs, shapes) if shapes is not None else None
+        if failed is None:
+            return widths, removed
+        _undo(gm, undo)
+        node_name, message = failed
+        nodes = {n.name: n for n in gm.graph.nodes}
+        units = deps.units_at(nodes[node_name]) if node_name in nodes else np.zeros(0, np.int64)
+        groups = [g for g in deps.groups if np.isin(g.units, units).any() and np.isin(g.units, removed).any()]
+        where = f"at node '{node_name}' " if node_name else ""
+        if not groups:
+            notes.append(f"nothing pruned: the pruned graph fails {where}({message}) and the failing channels could not be located")
+            return {}, removed[:0]
+        drop = np.concatenate([g.units for g in groups])
+        removed = removed[~np.isin(removed, drop)]
+        notes.append(f"{len(groups)} group(s) left alone: pruned, the graph fails {where}({message})")
+    notes.append("nothing pruned: the pruned graph kept failing")
+    return {}, removed[:0]
+
+
+def _undo(gm: GraphModule, undo: list) -> None:
+    for restore in reversed(undo):
+        restore()
+    gm.recompile()
+
+
+def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray, undo: list | None = None) -> dict[str, tuple[int, int]]:
     """Rewrite ``gm`` in place: slice tensors, update module attributes and graph constants.
 
-    Returns ``{family: (width before, width after)}`` for every family that changed.
+    Returns ``{family: (width before, width after)}`` for every family that changed. ``undo``:
+    receives one callable per change that restores what it replaced (see :func:`_undo`).
     """
+    undo = [] if undo is None else undo
     keep = deps.kept_atoms(removed_units)
     per_tensor: dict[str, dict[int, torch.Tensor]] = {}
     for (name, dim), atoms in deps.bindings.items():
@@ -373,16 +427,21 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
         for alias in aliases:
             mod, a = _owner(gm, alias)
             if a in mod._parameters:
-                mod._parameters[a] = new
+                store = mod._parameters
             elif a in mod._buffers:
-                mod._buffers[a] = new
+                store = mod._buffers
             else:
-                setattr(mod, a, new)
+                store = mod.__dict__
+            undo.append(lambda store=store, a=a, old=store[a]: store.__setitem__(a, old))
+            store[a] = new
     for rw in deps.attr_rewrites:
-        setattr(gm.get_submodule(rw.module), rw.attr, rw.value(int(keep[rw.atoms].sum())))
+        module = gm.get_submodule(rw.module)
+        undo.append(lambda m=module, a=rw.attr, old=getattr(module, rw.attr): setattr(m, a, old))
+        setattr(module, rw.attr, rw.value(int(keep[rw.atoms].sum())))
     nodes = {n.name: n for n in gm.graph.nodes}
     for rw in deps.arg_rewrites:
         node = nodes[rw.node]
+        undo.append(lambda n=node, args=node.args, kwargs=node.kwargs: (setattr(n, "args", args), setattr(n, "kwargs", kwargs)))
         value = rw.value(int(keep[rw.atoms].sum()))
         if isinstance(rw.path[0], str):
             node.kwargs = {**node.kwargs, rw.path[0]: value}

@@ -84,6 +84,14 @@ class Dependencies:
     # atom sets that must keep at least one channel: every family (a layer's width) and the
     # sub-ranges rules cut out of one (channel slices, split sections)
     nonempty: list[np.ndarray] = field(default_factory=list)
+    node_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # node name -> the atoms of its channels
+
+    def units_at(self, node: Node) -> np.ndarray:
+        """Unit labels of the channels ``node`` and its inputs carry (0 excluded)."""
+        parts = [self.node_atoms.get(n.name) for n in (node, *node.all_input_nodes)]
+        atoms = np.concatenate([p for p in parts if p is not None]) if any(p is not None for p in parts) else np.zeros(0, np.int64)
+        units = np.unique(self.labels[atoms])
+        return units[units != FROZEN]
 
     def kept_atoms(self, removed_units: np.ndarray) -> np.ndarray:
         """Boolean keep mask per atom after removing ``removed_units`` (unit labels)."""
@@ -112,6 +120,7 @@ class _Analyzer:
         self.aliases: dict[str, list[str]] = defaultdict(list)
         self.tensors: dict[str, torch.Tensor] = {}
         self.nonempty: list[np.ndarray] = []
+        self.node_atoms: dict[str, np.ndarray] = {}
         by_id: dict[int, str] = {}
         for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
             first = by_id.setdefault(id(t), name)
@@ -208,6 +217,9 @@ class _Analyzer:
         for node in self.gm.graph.nodes:
             try:
                 self.info[node] = self.visit(node)
+                atoms = _atoms_of(self.info[node])
+                if atoms is not None:
+                    self.node_atoms[node.name] = atoms
             except _Unsupported as e:
                 why = f"{node.name}: {e}"
                 for arg in node.all_input_nodes:
@@ -284,7 +296,17 @@ class _Analyzer:
             producers=self.producers,
             aliases=dict(self.aliases),
             nonempty=[np.arange(starts[f], starts[f + 1]) for f in range(len(self.family_starts))] + self.nonempty,
+            node_atoms=self.node_atoms,
         )
+
+
+def _atoms_of(info: Info) -> np.ndarray | None:
+    if isinstance(info, Chan):
+        return info.atoms
+    if isinstance(info, (tuple, list)):
+        parts = [a for a in (_atoms_of(i) for i in info) if a is not None]
+        return np.concatenate(parts) if parts else None
+    return None
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

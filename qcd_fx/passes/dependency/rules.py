@@ -401,14 +401,20 @@ _NORM_SIGNATURES = {  # torch.nn.functional's positional order
     "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
     "group_norm": ("input", "num_groups", "weight", "bias"),
 }
+_ATEN_NORM_SIGNATURES = {  # ATen's (torch.export): affine parameters before the running statistics
+    "batch_norm": ("input", "weight", "bias", "running_mean", "running_var"),
+    "instance_norm": ("input", "weight", "bias", "running_mean", "running_var"),
+    "group_norm": ("input", "num_groups", "weight", "bias"),
+}
 
 
 def rule_norm_function(an: _Analyzer, node: Node) -> Info:
     """``F.batch_norm`` / ``F.instance_norm`` / ``F.group_norm`` (what fx records when it traces
-    into a norm module's ``forward``, e.g. timm's ``BatchNormAct2d``): per-channel statistics and
-    affine parameters on axis 1, bound like the module forms'."""
+    into a norm module's ``forward``, e.g. timm's ``BatchNormAct2d``) and their ATen overloads
+    (other argument order): per-channel statistics and affine parameters on axis 1, bound like
+    the module forms'."""
     kind = _op_name(node)
-    names = _NORM_SIGNATURES[kind]
+    names = (_ATEN_NORM_SIGNATURES if isinstance(node.target, torch._ops.OpOverload) else _NORM_SIGNATURES)[kind]
     bound = dict(zip(names, node.args))
     bound.update({k: v for k, v in node.kwargs.items() if k in names})
     tensors, owners = [], set()
@@ -855,11 +861,13 @@ def rule_chunk_split(an: _Analyzer, node: Node) -> Info:
     src = node.args[0]
     info = an.of(src)
     shape = an.shape(src)
+    if name == "split_with_sizes":
+        name = "split"
     if name == "chunk":
         n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     else:
-        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get("split_sizes")))
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     if shape is None or not isinstance(dim, int):
         raise _Unsupported("split with unknown shapes")

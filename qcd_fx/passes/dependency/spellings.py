@@ -213,7 +213,7 @@ def _aten_table() -> dict[Any, Callable]:
         rule_flatten: ["flatten"],
         rule_permute: ["permute", "transpose", "t", "swapaxes", "movedim"],
         rule_expand: ["expand"],
-        rule_chunk_split: ["split", "chunk"],
+        rule_chunk_split: ["split", "chunk", "split_with_sizes"],
         rule_unbind: ["unbind"],
         rule_unsqueeze: ["unsqueeze"],
         rule_squeeze: ["squeeze"],
@@ -227,7 +227,7 @@ def _aten_table() -> dict[Any, Callable]:
         rule_linear_function: ["linear"],
         rule_conv_function: ["conv1d", "conv2d", "conv3d"],
         rule_layernorm_function: ["layer_norm"],
-        rule_norm_function: ["group_norm", "instance_norm"],
+        rule_norm_function: ["group_norm", "instance_norm", "batch_norm"],
         rule_sdpa: ["scaled_dot_product_attention"],
         rule_spatial: [
             "adaptive_avg_pool1d",
