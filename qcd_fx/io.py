@@ -575,6 +575,13 @@ def _load_pt2(path: str) -> GraphModule:
         raise ModelLoadError(f"model file {path!r} is not a readable torch.export program ({type(e).__name__}: {first_line(e)})") from None
     gm = _plain_graph_module(ep.module(), "ExportedProgram")
     gm.eval()
+    shapes = []
+    for node in gm.graph.nodes:  # the example shapes it was exported with, symbolic sizes as 1
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            shapes.append(tuple(int(d) if isinstance(d, int) else 1 for d in val.shape))
+    if shapes:
+        gm.meta[INPUT_SHAPES_KEY] = shapes
     return gm
 
 

@@ -38,6 +38,8 @@ def resolve_model(model: str | None, example: bool, weights: str | None, trust_p
 def example_inputs(shapes: list[str], default: list[tuple[int, ...]] | None, name: str, dtype: str | None = None, module=None):
     """The example inputs of ``--input-shape`` (or the model's default shapes), seeded; integer
     token ids for ``--dtype int64`` and by default for transformers text models."""
+    import torch
+
     from ..inputs import example_inputs as make
     from ..inputs import parse_dtype
     from ..io import token_range
@@ -45,9 +47,11 @@ def example_inputs(shapes: list[str], default: list[tuple[int, ...]] | None, nam
     vocab = token_range(module) if module is not None else None
     kind = parse_dtype(dtype)
     if kind is None and vocab:
-        import torch
-
         kind = torch.int64
+    if kind is None and isinstance(module, torch.fx.GraphModule):  # a torch.export graph records its inputs' dtypes
+        vals = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
+        if vals and all(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in vals):
+            kind = torch.int64
     if shapes:
         return make([parse_shape(s) for s in shapes], dtype=kind, high=vocab)
     if default:
