@@ -69,8 +69,11 @@ def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: in
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        from . import distributed
         from .data import tensor_loader
 
+        if shuffle:  # one permutation per epoch; under torch.distributed this rank's slice of every global batch
+            return distributed.sharded_tensor_loader(data.tensors[0], data.tensors[1], batch_size, seed)
         return tensor_loader(data.tensors[0], data.tensors[1], batch_size, shuffle=shuffle, seed=seed)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)

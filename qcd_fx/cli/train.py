@@ -4,6 +4,7 @@ folder, a tensor file, a factory) with one of the bundled optimizers, optionally
 from __future__ import annotations
 
 import math
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -12,6 +13,32 @@ from ..errors import TrainingError, UsageError
 from .app import app, friendly, out, progress
 from .common import resolve_model
 from .options import AllowOpt, DebugOpt, ModelArg, TrustOpt, WeightsOpt
+
+
+def _launch(nproc: int) -> int:
+    """Re-run this command in ``nproc`` local workers through PyTorch's launcher
+    (``torch.distributed.run``, loopback rendezvous on a free port), one thread each."""
+    import socket
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for i, a in enumerate(sys.argv[1:]):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        args.append(a)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "qcd_fx.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
 
 
 @app.command("train")
@@ -37,10 +64,22 @@ def train_command(
     allow: AllowOpt = [],  # noqa: B006 - typer needs a literal default
     force: Annotated[bool, typer.Option("--force", help="overwrite existing output files")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-epoch lines")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="data-parallel worker processes on this machine (torch.distributed, gloo; one thread each)")] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Train MODEL (or --example) on --data and print the validation accuracy per epoch."""
     import torch
+
+    from .. import distributed
+
+    if nproc < 1:
+        raise UsageError(f"--nproc {nproc} must be >= 1")
+    if distributed.init_from_env("gloo"):  # a worker of --nproc or torchrun: one thread, rank 0 writes
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        if not distributed.is_main():
+            output, quiet = None, True
+        if batch_size % distributed.world():
+            raise UsageError(f"--batch-size {batch_size} (the global batch) must be a multiple of the {distributed.world()} processes")
 
     from .. import io
     from ..datasets import check_fits, load_data
@@ -70,6 +109,12 @@ def train_command(
             raise UsageError(str(e).replace("overwrite=True (--force)", "--force")) from None
         for p in paths.values():
             io.check_output_path(str(p), inputs=inputs_src, force=force)
+    if nproc > 1 and not distributed.active():  # everything checked: start the workers
+        if optimizer == "qimad":
+            raise UsageError("--nproc runs gradient optimizers (sgd, adam, cce, cce-seed); QIMAD's population runs in one process")
+        if batch_size % nproc:
+            raise UsageError(f"--batch-size {batch_size} (the global batch) must be a multiple of --nproc {nproc}")
+        raise SystemExit(_launch(nproc))
     with progress(not quiet) as step:
         step("loading data")
         dataset = load_data(data, image_size=image_size, val_split=val_split, seed=seed)
@@ -101,6 +146,8 @@ def train_command(
         )  # fmt: skip
     except FloatingPointError as e:
         raise TrainingError(f"training diverged: {e}; nothing was written") from None
+    if not distributed.is_main():
+        return
     acc = history.final_val_accuracy
     split = dataset.val_name
     out.print(f"{name}, {optimizer}, {epochs} epoch{'' if epochs == 1 else 's'}: {split} accuracy {100 * acc:.2f}%" if acc is not None else f"no {split} accuracy", highlight=False)

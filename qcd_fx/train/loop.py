@@ -211,7 +211,16 @@ def fit(
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    from .. import distributed
+
     dev = torch.device(device) if device is not None else None
+    parallel = distributed.active()
+    if parallel:
+        if _is_population(optimizer) or _needs_closure(optimizer):
+            raise ValueError(f"fit across {distributed.world()} ranks takes gradient optimizers; {type(optimizer).__name__} runs in one process")
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            model = nn.parallel.DistributedDataParallel(model)  # gradients averaged over the ranks
+        progress = progress and distributed.is_main()
     base_loss = loss_fn
     if teacher is not None:
         teacher.eval()
@@ -284,7 +293,11 @@ def fit(
                     optimizer.zero_grad()
                     out = _call(model, inputs)
                     loss = loss_fn(out, target)
-                    loss.backward()
+                    if parallel:  # DDP averages the ranks' gradients; weight each by its share of the global batch
+                        (n_global,) = distributed.all_reduce_sum([float(n)])
+                        (loss * (n * distributed.world() / n_global)).backward()
+                    else:
+                        loss.backward()
                     optimizer.step()
                     loss_value = float(loss.detach())
                     c = _correct(out.detach(), target)
@@ -299,6 +312,10 @@ def fit(
                 if bar is not None:
                     bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
             seconds = time.perf_counter() - t0
+            if parallel:  # the epoch's sums over every rank's share
+                loss_sum, seen, correct, known = distributed.all_reduce_sum([loss_sum, seen, correct, float(accuracy_known)])
+                seen, correct = int(seen), int(correct)
+                accuracy_known = known == distributed.world()
             if seen == 0:
                 raise ValueError("fit: the training loader yielded no batches")
             lr = _lr(optimizer)
