@@ -85,39 +85,49 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def _train_probe(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], optimizer: str, lr: float | None, repeats: int = 5) -> tuple[float, int, int]:
-    """(median ms of a training step, training memory bytes, activation bytes) on a copy."""
-    net = copy.deepcopy(model).train()
-    opt = make_optimizer(optimizer, net.parameters(), lr=lr) if optimizer != "qimad" else torch.optim.Adam(net.parameters())
+def _train_probes(
+    models: list[nn.Module], batch: tuple[torch.Tensor, torch.Tensor], optimizer: str, lr: float | None, repeats: int = 7
+) -> list[tuple[float, int, int]]:
+    """Per model: (median ms of a training step, training memory bytes, activation bytes), on
+    copies, with the models' steps interleaved (the machine's noise hits both alike)."""
     x, y = batch
-    saved: dict[int, int] = {}
+    nets = [copy.deepcopy(m).train() for m in models]
+    opts = [make_optimizer(optimizer, n.parameters(), lr=lr) if optimizer != "qimad" else torch.optim.Adam(n.parameters()) for n in nets]
+    saved: list[dict[int, int]] = [{} for _ in nets]
+    times: list[list[float]] = [[] for _ in nets]
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            key = t.untyped_storage().data_ptr()
-            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
-        except (RuntimeError, NotImplementedError):
-            saved[id(t)] = t.numel() * t.element_size()
-        return t
+    def packer(store: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                key = t.untyped_storage().data_ptr()
+                store[key] = max(store.get(key, 0), t.untyped_storage().nbytes())
+            except (RuntimeError, NotImplementedError):
+                store[id(t)] = t.numel() * t.element_size()
+            return t
 
-    times = []
+        return pack
+
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        if i == 0:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for k, (net, opt) in enumerate(zip(nets, opts)):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            if i == 0:  # the first step counts what autograd saves for backward
+                with torch.autograd.graph.saved_tensors_hooks(packer(saved[k]), lambda t: t):
+                    loss = torch.nn.functional.cross_entropy(_logits(net(x)), y)
+            else:
                 loss = torch.nn.functional.cross_entropy(_logits(net(x)), y)
-        else:
-            loss = torch.nn.functional.cross_entropy(_logits(net(x)), y)
-        loss.backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    params = sum(p.numel() * p.element_size() for p in net.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in net.parameters() if p.grad is not None)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    activations = sum(saved.values())
-    return 1e3 * statistics.median(times), activations + params + grads + state, activations
+            loss.backward()
+            opt.step()
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    out = []
+    for net, opt, store, ts in zip(nets, opts, saved, times):
+        params = sum(p.numel() * p.element_size() for p in net.parameters())
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in net.parameters() if p.grad is not None)
+        state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        activations = sum(store.values())
+        out.append((1e3 * statistics.median(ts), activations + params + grads + state, activations))
+    return out
 
 
 def measure(
@@ -134,9 +144,9 @@ def measure(
         with torch.no_grad():
             lat[name] = interleaved_latency({"before": lambda x=x: before(x), "after": lambda x=x: after(x)}, repeats=repeats, warmup=3)
     out = []
-    for key, model in (("before", before), ("after", after)):
+    probes = _train_probes([before, after], batch, optimizer, lr)
+    for (key, model), (step_ms, memory, activations) in zip((("before", before), ("after", after)), probes):
         acc = evaluate(model, val)["accuracy"] if val is not None else None
-        step_ms, memory, activations = _train_probe(model, batch, optimizer, lr)
         out.append(
             Measurement(
                 accuracy=acc,

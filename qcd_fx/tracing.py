@@ -215,7 +215,7 @@ def _fx_trace(model: nn.Module, leaf_modules: tuple[str, ...], concrete_args: di
                 hint = f" in module '{path}' ({cls}); keep it opaque with --leaf {path} (or --leaf {cls})"
             else:
                 hint = f" in the top-level {type(model).__name__}.forward"
-            err = TraceError(f"cannot trace {type(model).__name__} with torch.fx: {what}{at}{hint}; --capture export (capture=\"export\") captures it with torch.export")
+            err = TraceError(f"cannot trace {type(model).__name__} with torch.fx: {what}{at}{hint}; torch.export may capture it: --capture export (capture=\"export\")")
             err.detail = f"{what}{at}{hint}"
             raise err from e
         gm = GraphModule(tracer.root, graph, type(model).__name__)  # copies what the graph reads from the root
