@@ -28,6 +28,7 @@ CASES = {
     "qimad_small": (["--out", "{out}/qimad_small.json"], "qimad_small.json", {"meta", "configs"}),
     "global_opt": (["--out", "{out}/global_opt", "--methods", *GLOBAL_METHODS], "global_opt.json", {"meta", "functions", "digits"}),
     "timm_sweep": (["--out", "{out}/timm_sweep"], "timm_sweep.json", {"meta", "summary", "rows"}),
+    "hf_sweep": (["--out", "{out}/hf_sweep"], "hf_sweep.json", {"meta", "summary", "rows"}),
 }
 
 
