@@ -296,7 +296,10 @@ class Misordered(Pass):
 
 
 def test_drift_in_a_function_preserving_pass_names_pass_and_node(digits_cnn):
-    with pytest.raises(PostconditionError, match=r"pass 'test-scale' at node 'mul': declared function-preserving but outputs drifted by .*; it changes the value of 'features_4'"):
+    with pytest.raises(
+        PostconditionError,
+        match=r"pass 'test-scale' at node 'mul': declared function-preserving but outputs drifted by .*; it changes the value of 'features_4'",
+    ):
         Pipeline([ScaleNode()]).run(digits_cnn, torch.randn(2, 1, 8, 8))
 
 
@@ -377,3 +380,22 @@ def test_passes_get_example_inputs_and_calibration_as_an_explicit_context(digits
     seen.clear()
     SeesContext(seen=seen)(qcd_fx.trace(digits_cnn))  # called on its own: an empty context
     assert seen[0].example_inputs is None and seen[0].calibration == ()
+
+
+def test_qci_refuses_gates_that_cannot_fit_before_allocating_them():
+    """A full-rank gate after a 200,000-wide layer would need 160 GB: one clear error naming the
+    layer and the two ways out, raised before anything is allocated; both ways out work."""
+    from qcd_fx.errors import PreconditionError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 200_000)).eval()
+    x = torch.randn(2, 8)
+    with pytest.raises(PreconditionError, match=r"after '2' with 200,000 features, 160\.0 GB.*qci\{rank=16\}.*qci\{max_width=N\}"):
+        qcd_fx.transform(model, "qci", example_inputs=(x,))
+    low = qcd_fx.transform(model, "qci{rank=16}", example_inputs=(x,))
+    assert torch.equal(low.graph_module(x), model(x)) and low.report.passes[0].stats["gates"] == 2
+    capped = qcd_fx.transform(model, "qci{max_width=1000}", example_inputs=(x,))
+    assert capped.report.passes[0].stats == {"gates": 1, "narrow_sites_skipped": 0, "wide_sites_skipped": 1}
+    assert any("wider than max_width=1000" in n for n in capped.report.passes[0].notes)
+    with pytest.raises(ValueError, match="max_width must be > min_width"):
+        QCI(max_width=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,6 +13,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ..errors import PreconditionError
 from ..nn import InterfaceGate
 from .base import Pass, PassOutcome, option, register
 from .graph_utils import insert_module_after
@@ -76,6 +78,7 @@ class QCI(Pass):
     summary = "insert interface gates (QCI) after wide Linear/Conv layers"
 
     min_width: int = option("gate layers whose output width is greater than this (the seed's rule: 10)", default=10)
+    max_width: int | None = option("leave layers wider than this ungated (e.g. a vocabulary-wide LM head); default: no limit", default=None)
     init: Literal["identity", "seed"] = option("identity: gate starts as the exact identity; seed: the seed's random projector", default="identity")
     rank: int | None = option("projector I + U V^T of this rank (2·r·d parameters); full: d×d as in the seed", default=None, aliases={"full": None})
     beta: float = option("initial gate temperature beta (seed: 1.0)", default=1.0)
@@ -86,6 +89,8 @@ class QCI(Pass):
             raise ValueError(f"min_width must be >= 0, got {self.min_width}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1 or full, got {self.rank}")
+        if self.max_width is not None and self.max_width <= self.min_width:
+            raise ValueError(f"max_width must be > min_width ({self.min_width}), got {self.max_width}")
 
     @property
     def preserves_function(self) -> bool:
@@ -95,15 +100,21 @@ class QCI(Pass):
         gen = torch.Generator().manual_seed(self.seed)
         notes: list[str] = []
         hidden: dict[str, list[tuple[str, list[str]]]] = {}
-        gates = narrow = 0
+        gates = narrow = wide = 0
+        sites = []
         for node in list(gm.graph.nodes):
             site = self._site(gm, node, notes, hidden)
             if site is None:
                 continue
-            width, channel_dim, spatial, ref = site
-            if width <= self.min_width:
+            if site[0] <= self.min_width:
                 narrow += 1
                 continue
+            if self.max_width is not None and site[0] > self.max_width:
+                wide += 1
+                continue
+            sites.append((node, site))
+        self._check_memory(sites)
+        for node, (width, channel_dim, spatial, ref) in sites:
             gate = InterfaceGate(width, channel_dim, spatial, self.init, self.rank, self.beta, generator=gen, device=ref.device, dtype=ref.dtype)
             base = f"{node.target}_qci" if node.op == "call_module" else _site_name(node)
             insert_module_after(gm, node, gate, base)
@@ -115,7 +126,34 @@ class QCI(Pass):
                 f"not gated: {count} {cls} (e.g. '{path}') hold wide projections ({', '.join(inner[:3])}{'…' if len(inner) > 3 else ''}) "
                 "that are not call sites of the graph"
             )
-        return PassOutcome(gm, gates > 0, notes, {"gates": gates, "narrow_sites_skipped": narrow})
+        if wide:
+            notes.append(f"{wide} site(s) wider than max_width={self.max_width} left ungated")
+        return PassOutcome(gm, gates > 0, notes, {"gates": gates, "narrow_sites_skipped": narrow, "wide_sites_skipped": wide})
+
+    def _gate_bytes(self, width: int, ref: torch.Tensor) -> int:
+        r = self.rank if self.rank is not None and self.rank < width else None
+        projector = width * width if r is None else 2 * r * width
+        return (projector + 2 * width + 2) * ref.element_size()
+
+    def _check_memory(self, sites: list) -> None:
+        """Refuse, before allocating, gates that cannot fit: a full ``d×d`` projector after a
+        200,000-wide LM head would need 160 GB."""
+        if not sites:
+            return
+        need = [(self._gate_bytes(site[0], site[3]), node, site[0]) for node, site in sites]
+        total = sum(b for b, _, _ in need)
+        limit = _available_bytes() // 2
+        if total <= limit:
+            return
+        widest, node, width = max(need, key=lambda t: t[0])
+        where = str(node.target) if node.op == "call_module" else _site_name(node).removesuffix("_qci")
+        kind = "full-rank " if self.rank is None else ""
+        raise PreconditionError(
+            self.name,
+            f"{len(sites)} {kind}gates need {total / 1e9:.1f} GB (the largest, after '{where}' with {width:,} features, "
+            f"{widest / 1e9:.1f} GB), more than half of the {2 * limit / 1e9:.1f} GB of memory available; "
+            f"use qci{{rank=16}} (projector I + U V^T) or qci{{max_width=N}} to leave the widest layers ungated",
+        )
 
     def _site(self, gm: GraphModule, node: Node, notes: list[str], hidden: dict):
         """(width, channel_dim, spatial_dims, reference tensor) for a gateable node, else None."""
@@ -140,7 +178,9 @@ class QCI(Pass):
             channel_dim = 1 if spatial else -1
             shape = _shape(node)
             if shape is None:
-                notes.append(f"skipped functional call '{node.name}' ({getattr(node.target, '__name__', node.target)}): output width unknown without example inputs")
+                notes.append(
+                    f"skipped functional call '{node.name}' ({getattr(node.target, '__name__', node.target)}): output width unknown without example inputs"
+                )
                 return None
             if spatial and len(shape) == spatial + 1:
                 notes.append(f"skipped functional call '{node.name}': unbatched convolution input")
@@ -156,6 +196,21 @@ class QCI(Pass):
         if isinstance(m, nn.MultiheadAttention):
             hidden = ["in_proj", *hidden]
         return hidden
+
+
+def _available_bytes() -> int:
+    """Memory this process can still take: ``MemAvailable`` on Linux, else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def _shape(node: Node) -> tuple[int, ...] | None:
