@@ -192,3 +192,26 @@ def test_compress_example_end_to_end(tmp_path, monkeypatch):
     assert gm(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     one_line_error(run("compress", "--example", "--target-macs", "1.5"), 2, "--target-macs 1.5 must be a fraction in (0, 1)")
     one_line_error(run("compress", "--example", "-o", "small", "-q"), 2, "exists")  # nothing overwritten
+
+
+def test_compress_in_two_rounds_reaches_each_rounds_target_and_leaves_the_model_alone():
+    """``compress(steps=2)``: round r prunes to ``target ** (r / steps)`` of the original MACs
+    (fine-tuning between rounds); the caller's model keeps its weights and widths."""
+    from qcd_fx.analysis import count_macs
+    from qcd_fx.compress import compress
+
+    torch.manual_seed(0)
+    model = digits_cnn(width=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = load_data("digits")
+    result = compress(model, data, target_macs=0.25, steps=2, epochs=1, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    base = count_macs(model.eval(), (data.example(1),))
+    assert [r["round"] for r in result.rounds] == [0, 1, 2]
+    for r in result.rounds[1:]:
+        assert r["target_macs"] == int(base * 0.25 ** (r["round"] / 2))
+        assert r["macs"] <= r["target_macs"] * 1.05 and r["accuracy"] is not None
+    assert result.rounds[1]["macs"] > result.rounds[2]["macs"]
+    assert result.after.macs == result.rounds[2]["macs"] and result.before.macs == base
+    with pytest.raises(UsageError, match="--steps must be >= 1"):
+        compress(model, data, steps=0)
