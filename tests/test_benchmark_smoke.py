@@ -29,6 +29,8 @@ CASES = {
     "global_opt": (["--out", "{out}/global_opt", "--methods", *GLOBAL_METHODS], "global_opt.json", {"meta", "functions", "digits"}),
     "timm_sweep": (["--out", "{out}/timm_sweep"], "timm_sweep.json", {"meta", "summary", "rows"}),
     "hf_sweep": (["--out", "{out}/hf_sweep"], "hf_sweep.json", {"meta", "summary", "rows"}),
+    "compress": (["--out", "{out}/compress"], "compress.json", {"meta", "summary", "baselines", "rows", "peak_rss"}),
+    "compiled": (["--out", "{out}/compiled"], "compiled.json", {"meta", "summary", "rows"}),
 }
 
 
