@@ -22,6 +22,9 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
         model = T.GPT2LMHeadModel(cfg)
     elif name == "llama":  # grouped-query attention: 4 query heads over 2 key/value heads
         model = T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **common))
+    elif name == "mixtral":  # mixture of experts: a router's top-2 of 4 experts, grouped expert matmuls
+        cfg = T.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, use_cache=False, **common)
+        model = T.MixtralForCausalLM(cfg)
     elif name == "vit":
         cfg = T.ViTConfig(image_size=32, patch_size=8, num_labels=5, **{k: v for k, v in common.items() if k != "vocab_size"})
         model = T.ViTForImageClassification(cfg)
@@ -32,7 +35,7 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     return model.eval(), ids
 
 
-NAMES = ("bert", "gpt2", "llama", "vit")
+NAMES = ("bert", "gpt2", "llama", "vit")  # the default run's four; build() also knows "mixtral"
 
 
 def main_output(out) -> torch.Tensor:

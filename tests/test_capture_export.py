@@ -81,6 +81,26 @@ def test_grouped_query_attention_prunes_whole_key_value_groups():
         assert q < 32
 
 
+def test_mixture_of_experts_prunes_every_expert_alike_and_keeps_the_experts():
+    """Mixtral: the router's top-2 picks among its 4 experts, whose weights are 3-d parameters fed
+    to transformers' grouped matmul; the hidden and intermediate channels of every expert are
+    pruned together, the experts themselves (the router's outputs) all stay."""
+    model, x = build("mixtral")
+    result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x)
+    gm = result.graph_module
+    params = dict(gm.named_parameters())
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp"
+        assert params[f"{p}.gate.weight"].shape == (4, 16)  # 4 experts, half the hidden width
+        assert params[f"{p}.experts.gate_up_proj"].shape == (4, 64, 16)
+        assert params[f"{p}.experts.down_proj"].shape == (4, 16, 32)
+    before = _linear_macs(qcd_fx.trace(model, x, capture="export"), x)
+    assert before / _linear_macs(gm, x) >= 1.8
+    assert not [n for n in result.report.notes() if "no pruning rule" in n]
+    assert any("top-k along the channel axis" in n for n in result.report.notes())
+    assert main_output(gm(x)).shape == main_output(model(x)).shape
+
+
 def test_keyword_inputs_attention_mask():
     model, ids = build("bert")
     mask = torch.ones_like(ids)

@@ -592,9 +592,11 @@ def rule_flatten_module(an: _Analyzer, node: Node, m: nn.Module) -> Info:
 
 _ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum", "_scaled_dot_product_flash_attention",
                             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"})  # fmt: skip
-_LAYOUT_OPS = frozenset("""permute transpose contiguous clone to type_as float half mul add sub neg truediv div cat slice
+_LAYOUT_OPS = frozenset(
+    """permute transpose contiguous clone to type_as float half mul add sub neg truediv div cat slice
     getitem unbind unsqueeze expand expand_as reshape view _unsafe_view split chunk select squeeze repeat repeat_interleave
-    dropout alias detach""".split())
+    dropout alias detach""".split()
+)
 
 
 def _feeds_attention(node: Node, rank: int, depth: int = 12) -> bool:
@@ -1111,6 +1113,73 @@ def rule_norm(an: _Analyzer, node: Node) -> Info:
     """``x.norm(p, dim, keepdim)``, ``torch.norm`` and ``torch.linalg.vector_norm(x, ord, dim,
     keepdim)`` (ConvNeXt-V2's GRN): a reduction whose dims come after the order argument."""
     return _reduction(an, node, 2)
+
+
+def rule_logsumexp(an: _Analyzer, node: Node) -> Info:
+    """``logsumexp(x, dim, keepdim)``: a reduction (a router's z-loss over its experts)."""
+    return _reduction(an, node, 1)
+
+
+def _selection(an: _Analyzer, node: Node, dim: Any, keepdim: bool, what: str) -> Info:
+    """(values, indices) of a selection along ``dim`` (``topk``, ``max``/``min`` with a dim): channels
+    on another axis go to both; selecting along the channel axis itself (a router's top-k of its
+    experts) leaves those channels alone, since the indices name channels."""
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter {what}")
+        return (None, None)
+    if not isinstance(info, Chan) or shape is None:
+        return (None, None)
+    if not isinstance(dim, int):
+        raise _Unsupported(f"{what} over a computed dim")
+    dim = _norm_axis(dim, len(shape))
+    if dim == info.axis:
+        an.freeze(info.atoms, f"{node.name}: {what} along the channel axis (the indices name channels)")
+        return (None, None)
+    axis = info.axis if keepdim or info.axis < dim else info.axis - 1
+    return (Chan(axis, info.atoms), Chan(axis, info.atoms))
+
+
+def rule_topk(an: _Analyzer, node: Node) -> Info:
+    """``topk(x, k, dim=-1, largest, sorted)``."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    return _selection(an, node, dim, True, "top-k")
+
+
+def rule_max_dim(an: _Analyzer, node: Node) -> Info:
+    """``max(x, dim, keepdim)`` / ``min``: values and indices along ``dim``."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return _selection(an, node, dim, bool(keepdim), "max/min")
+
+
+def rule_grouped_mm(an: _Analyzer, node: Node) -> Info:
+    """``grouped_mm(x, W, offs)`` (mixture-of-experts layers: transformers'
+    ``grouped_mm_fallback``, ``aten._grouped_mm``): rows of ``x`` (S, K) sorted by expert, ``W``
+    (experts, K, N) a parameter; like a linear layer whose weight is shared by every expert, so
+    ``K`` binds to ``W``'s axis 1 and the output's ``N`` channels are ``W``'s axis 2 (the experts
+    axis is kept)."""
+    x = node.args[0]
+    w = an.of(node.args[1] if len(node.args) > 1 else node.kwargs.get("mat_b", node.kwargs.get("weight")))
+    shape = an.shape(x)
+    bias = node.kwargs.get("bias", node.args[3] if len(node.args) > 3 else None)
+    if not isinstance(w, ParamRef) or len(w.axes) != 3 or w.axes[0] is None or shape is None or len(shape) != 2 or bias is not None:
+        raise _Unsupported("grouped matmul with computed weights")
+    k_dim, n_dim = w.axes[1], w.axes[2]
+    if k_dim is None or n_dim is None:
+        raise _Unsupported("grouped matmul with computed weights")
+    info = an.of(x)
+    if isinstance(info, Chan) and info.axis == 1:
+        an.bind(w.name, k_dim, info.atoms)
+    elif isinstance(info, Chan):
+        an.freeze(info.atoms, f"{node.name}: grouped matmul over a non-channel axis")
+    elif isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter fed to a grouped matmul")
+    out = an.param_atoms(w.name, n_dim, f"{w.name} (out features)")
+    chan = Chan(1, out)
+    an.producers[node.name] = chan
+    return chan
 
 
 def rule_unbind(an: _Analyzer, node: Node) -> Info:

@@ -29,6 +29,7 @@ from .rules import (
     rule_flatten,
     rule_flatten_module,
     rule_getitem,
+    rule_grouped_mm,
     rule_groupnorm,
     rule_index,
     rule_interface_gate,
@@ -36,7 +37,9 @@ from .rules import (
     rule_layernorm_module,
     rule_linear_function,
     rule_linear_module,
+    rule_logsumexp,
     rule_matmul,
+    rule_max_dim,
     rule_mha,
     rule_no_tensor,
     rule_norm,
@@ -58,6 +61,7 @@ from .rules import (
     rule_squeeze,
     rule_stack,
     rule_stochastic_depth,
+    rule_topk,
     rule_unbind,
     rule_unsqueeze,
     rule_view_method,
@@ -169,6 +173,8 @@ FUNCTION_RULES_BY_NAME: dict[str, Callable] = {
     "torchvision.models.swin_transformer.shifted_window_attention": rule_shifted_window_attention,
     "torch.nn.functional.pad": rule_pad,
     "torch._C._nn.pad": rule_pad,
+    # transformers' mixture-of-experts matmul, a custom op so that torch.export keeps it whole
+    "torch._ops.transformers.grouped_mm_fallback.default": rule_grouped_mm,
 }
 METHOD_RULES: dict[str, Callable] = {
     "view": rule_view_method,
@@ -222,7 +228,10 @@ def _aten_table() -> dict[Any, Callable]:
         rule_index: ["index"],
         rule_embedding_function: ["embedding"],
         rule_matmul: ["matmul", "bmm"],
-        rule_reduce: ["mean", "sum", "amax"],
+        rule_reduce: ["mean", "sum", "amax", "amin"],
+        rule_logsumexp: ["logsumexp"],
+        rule_topk: ["topk"],
+        rule_grouped_mm: ["_grouped_mm"],
         rule_softmax: ["softmax", "_softmax", "log_softmax", "_log_softmax"],
         rule_linear_function: ["linear"],
         rule_conv_function: ["conv1d", "conv2d", "conv3d"],
@@ -249,6 +258,8 @@ def _aten_table() -> dict[Any, Callable]:
             packet = getattr(aten, op, None)
             if packet is not None:
                 table[packet] = rule
+    for packet in (aten.max, aten.min):  # only the (values, indices) overload: max.other is element-wise
+        table[packet.dim] = rule_max_dim
     return table
 
 
