@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,4 +93,74 @@ def sharded_tensor_loader(x: Tensor, y: Tensor, batch_size: int, seed: int = 0) 
     return DataLoader(dataset, sampler=ShardedBatches(len(dataset), batch_size, seed), batch_size=None)
 
 
-__all__ = ["ShardedBatches", "active", "all_reduce_sum", "init_from_env", "is_main", "rank", "sharded_tensor_loader", "world"]
+# ── collectives for population optimizers (QIMAD, QuantumDynamics): agents split over the ranks ──
+
+
+def split_counts(n: int, world_: int | None = None) -> list[int]:
+    """Sizes of ``world`` contiguous blocks of ``n`` items, as equal as possible (the first
+    ``n % world`` blocks one larger): rank ``r`` owns items ``sum(counts[:r]) .. sum(counts[:r+1])``."""
+    w = world() if world_ is None else world_
+    return [n // w + (1 if r < n % w else 0) for r in range(w)]
+
+
+def my_block(n: int) -> tuple[int, int]:
+    """``(start, stop)`` of this rank's contiguous block of ``n`` items (:func:`split_counts`)."""
+    counts = split_counts(n)
+    start = sum(counts[: rank()])
+    return start, start + counts[rank()]
+
+
+def all_gather_rows(local: Tensor, counts: list[int]) -> Tensor:
+    """The ranks' row blocks laid end to end: rank ``r`` passes its ``(counts[r], ...)`` block and
+    every rank gets the ``(sum(counts), ...)`` concatenation in rank order (``local`` itself off a
+    group). Blocks are padded to the largest for the collective (gloo's ``all_gather`` takes equal
+    sizes), so the bytes sent are ``world × max(counts) × row size``."""
+    if not active():
+        return local
+    if local.shape[0] != counts[rank()]:
+        raise ValueError(f"rank {rank()} holds {local.shape[0]} rows, the split says {counts[rank()]}")
+    rows = max(counts)
+    if rows == 0:
+        return local
+    send = local.new_zeros((rows, *local.shape[1:]))
+    send[: local.shape[0]] = local
+    parts = [torch.empty_like(send) for _ in counts]
+    dist.all_gather(parts, send)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """``tensor`` overwritten in place with rank ``src``'s (unchanged off a group); returns it."""
+    if active():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s ``value`` on every rank (``value`` off a group)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(t, src)
+    return int(t.item())
+
+
+def whole_batches(loader: Any) -> Any:
+    """``loader`` with every global batch whole on every rank: a ``DataLoader`` over
+    :class:`ShardedBatches` is rebuilt with the same sampler as rank 0 of 1 (same seed, same
+    generator state, so the same batches as one process); any other loader is returned as it is.
+    Population optimizers split the agents over the ranks, not the data."""
+    from torch.utils.data import DataLoader
+
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(loader, DataLoader) or not isinstance(sampler, ShardedBatches) or sampler.world == 1:
+        return loader
+    whole = ShardedBatches(sampler.n, sampler.batch_size, rank_=0, world_=1, shuffle=sampler.shuffle)
+    whole.generator = sampler.generator  # shared: the caller's loader goes on with the same stream
+    return DataLoader(loader.dataset, sampler=whole, batch_size=None)
+
+
+__all__ = [
+    "ShardedBatches", "active", "all_gather_rows", "all_reduce_sum", "broadcast_", "broadcast_int", "init_from_env", "is_main",
+    "my_block", "rank", "sharded_tensor_loader", "split_counts", "whole_batches", "world",
+]  # fmt: skip

@@ -65,6 +65,18 @@ so that with mini-batches all comparisons are made on the same data (this is how
 :func:`qcd_fx.train.fit` drives it). After each step the parameters hold the best point found
 (model path: the best centre on the current batch) and ``step`` returns its value.
 
+Across ranks (``torch.distributed`` with more than one rank): every evaluation of a set of rows
+(centres, candidates, the mean) is split into contiguous blocks, one per rank, each rank evaluates
+its own block (closure, ``loss_fn`` or the model on the whole batch, which every rank sees), and
+the values are all-gathered (8 bytes per row, blocks padded to the largest). Everything else —
+the random draws (rank 0's seed, the same draws in the same order on every rank), the
+diffusion, replacement, scale — is made by every rank on the whole population, so the state is
+identical everywhere, ``state_dict`` is local and equal to the one-process one, and the
+trajectory is the one-process trajectory bit for bit where the evaluation of a block of rows
+gives the same values as that of all rows (``evaluation="loop"``, closures, row-wise ``loss_fn``;
+``tests/test_distributed_qimad.py``). :func:`minimize`'s ``evaluations_to_target`` counts only
+the rows a rank evaluated itself.
+
 Every random number comes from one ``torch.Generator`` seeded with ``seed`` (created on the
 parameters' device), so runs are reproducible, and ``state_dict`` holds the whole state
 including the generator, so a resumed run continues bit for bit. The gradient-based hybrid,
@@ -80,6 +92,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from .population import EVAL_MODES, FlatLayout, PopulationOptimizer, check_choice, check_integer, check_number, closure_evaluate, resolve_seed
 
 WEIGHTINGS = ("mean", "boltzmann")
@@ -193,6 +206,7 @@ class QuantumDynamics(PopulationOptimizer):
 
     state_key = "quantum_dynamics"
     state_version = _QD_VERSION
+    distributed_ready = True  # across torch.distributed ranks: walkers split, whole batches (see the module docstring)
 
     def __init__(
         self,
@@ -308,6 +322,19 @@ class QuantumDynamics(PopulationOptimizer):
         """Values at the rows of ``positions`` (float64, ``+inf`` for NaN), counted."""
         if positions.shape[0] == 0:
             return torch.empty(0, dtype=torch.float64)
+        if distributed.active():  # this rank's contiguous block of the rows; the values all-gathered
+            counts = distributed.split_counts(positions.shape[0])
+            start, stop = distributed.my_block(positions.shape[0])
+            mine = self._values(positions[start:stop]) if stop > start else torch.empty(0, dtype=torch.float64)
+            dev = self.layout.device  # (the collective runs where the parameters live: gloo on CPU, NCCL on GPUs)
+            values = distributed.all_gather_rows(mine.to(dev), counts).cpu()
+        else:
+            values = self._values(positions)
+        self.evaluations += positions.shape[0]
+        return torch.where(torch.isnan(values), torch.full_like(values, math.inf), values)
+
+    def _values(self, positions: Tensor) -> Tensor:
+        """``f`` at the rows of ``positions`` as evaluated here (float64, on the CPU)."""
         mode = self._mode
         if mode == "closure":
             ev = closure_evaluate(self.layout, self._params(), positions, self._closure)
@@ -324,9 +351,7 @@ class QuantumDynamics(PopulationOptimizer):
                 positions, self._batch[0], self._batch[1], self._loss_fn, grad=False
             )
             values = ev.losses
-        values = values.to(device="cpu", dtype=torch.float64)
-        self.evaluations += positions.shape[0]
-        return torch.where(torch.isnan(values), torch.full_like(values, math.inf), values)
+        return values.to(device="cpu", dtype=torch.float64)
 
     def _max_restarts(self) -> float:
         """``restarts``, or with ``restarts=None`` as many as the budget allows (none without ``max_evals``)."""
@@ -378,6 +403,9 @@ class QuantumDynamics(PopulationOptimizer):
 
     def _init_state(self) -> None:
         lay = self.layout
+        if distributed.active():  # every rank: rank 0's seed and starting point (the ranks stay in lockstep)
+            self.seed = distributed.broadcast_int(self.seed)
+            lay.copy_into(self._params(), distributed.broadcast_(lay.flatten(self._params())))
         self._gen = self._generator(self.seed, lay.device)
         self._origin = lay.flatten(self._params()).to(lay.dtype)
         self._best_f = math.inf
