@@ -15,10 +15,30 @@ from .common import resolve_model
 from .options import AllowOpt, DebugOpt, ModelArg, TrustOpt, WeightsOpt
 
 
-def _launch(nproc: int) -> int:
-    """Re-run this command in ``nproc`` local workers through PyTorch's launcher
-    (``torch.distributed.run``, loopback rendezvous on a free port), one thread each."""
+def launcher(nproc: int, max_restarts: int = 0) -> tuple[list[str], dict[str, str]]:
+    """The ``torch.distributed.run`` command (without the program) and environment that start
+    ``nproc`` local workers, one thread each: elastic (``c10d`` rendezvous on loopback, a free port),
+    restarting the whole group up to ``max_restarts`` times when a worker dies. Every attempt
+    bootstraps its process group from a fresh store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``):
+    a restarted group must not read the addresses its dead predecessor left in a shared store."""
     import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return cmd, env
+
+
+def _launch(nproc: int, max_restarts: int = 0) -> int:
+    """Re-run this command in ``nproc`` local workers through PyTorch's launcher (:func:`launcher`),
+    one thread each. The launcher is elastic: when a worker dies it restarts the whole group up to
+    ``max_restarts`` times (the workers then resume from ``--checkpoint``)."""
     import subprocess
     import sys
 
@@ -30,15 +50,14 @@ def _launch(nproc: int) -> int:
         if a == "--nproc":
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        if a == "--max-restarts":
+            skip = True
             continue
         args.append(a)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "qcd_fx.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    cmd, env = launcher(nproc, max_restarts)
+    return subprocess.call([*cmd, "-m", "qcd_fx.cli", *args], env=env)
 
 
 @app.command("train")
@@ -46,7 +65,9 @@ def _launch(nproc: int) -> int:
 def train_command(
     model: ModelArg = None,
     optimizer: Annotated[str, typer.Option("--optimizer", "-O", help="sgd, adam, cce, cce-seed or qimad")] = "cce",
-    data: Annotated[str, typer.Option("--data", help="training data: digits, imagefolder:DIR, tensors:FILE (.pt/.npz with x and y), or module:factory")] = "digits",
+    data: Annotated[
+        str, typer.Option("--data", help="training data: digits, imagefolder:DIR, tensors:FILE (.pt/.npz with x and y), or module:factory")
+    ] = "digits",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="imagefolder: resize and centre-crop to this side (default 224)")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="fraction held out for validation where the data has no validation part")] = 0.2,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="distil from this MODEL (e.g. the unpruned original)")] = None,
@@ -64,7 +85,16 @@ def train_command(
     allow: AllowOpt = [],  # noqa: B006 - typer needs a literal default
     force: Annotated[bool, typer.Option("--force", help="overwrite existing output files")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-epoch lines")] = False,
-    nproc: Annotated[int, typer.Option("--nproc", help="data-parallel worker processes on this machine (torch.distributed, gloo; one thread each)")] = 1,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", help="worker processes on this machine (torch.distributed, gloo; one thread each): data-parallel, or QIMAD's agents split over them"
+        ),
+    ] = 1,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="write a checkpoint here after every epoch; resume from it when it exists")] = None,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", help="with --nproc: restart the workers up to this many times when one fails (they resume from --checkpoint)")
+    ] = 0,
     debug: DebugOpt = False,
 ) -> None:
     """Train MODEL (or --example) on --data and print the validation accuracy per epoch."""
@@ -74,6 +104,16 @@ def train_command(
 
     if nproc < 1:
         raise UsageError(f"--nproc {nproc} must be >= 1")
+    if max_restarts < 0:
+        raise UsageError(f"--max-restarts {max_restarts} must be >= 0")
+    if max_restarts and nproc < 2 and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        raise UsageError(f"--max-restarts {max_restarts} restarts the workers of --nproc N; it needs --nproc 2 or more")
+    if checkpoint is not None:
+        ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(ckpt_dir):
+            raise UsageError(f"--checkpoint {checkpoint}: directory {ckpt_dir} does not exist")
+        if os.path.isdir(checkpoint):
+            raise UsageError(f"--checkpoint {checkpoint} is a directory; give a file name")
     if distributed.init_from_env("gloo"):  # a worker of --nproc or torchrun: one thread, rank 0 writes
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         if not distributed.is_main():
@@ -109,12 +149,16 @@ def train_command(
             raise UsageError(str(e).replace("overwrite=True (--force)", "--force")) from None
         for p in paths.values():
             io.check_output_path(str(p), inputs=inputs_src, force=force)
+        if checkpoint is not None and os.path.abspath(checkpoint) in {os.path.abspath(p) for p in paths.values()}:
+            raise UsageError(f"--checkpoint {checkpoint} is one of the output files of -o {output}; give it another name")
     if nproc > 1 and not distributed.active():  # everything checked: start the workers
-        if optimizer == "qimad":
-            raise UsageError("--nproc runs gradient optimizers (sgd, adam, cce, cce-seed); QIMAD's population runs in one process")
         if batch_size % nproc:
             raise UsageError(f"--batch-size {batch_size} (the global batch) must be a multiple of --nproc {nproc}")
-        raise SystemExit(_launch(nproc))
+        if checkpoint is not None and os.path.exists(checkpoint):  # unreadable: one line here, not one per worker and restart
+            from ..train.checkpoint import load as load_checkpoint
+
+            load_checkpoint(checkpoint)
+        raise SystemExit(_launch(nproc, max_restarts))
     with progress(not quiet) as step:
         step("loading data")
         dataset = load_data(data, image_size=image_size, val_split=val_split, seed=seed)
@@ -142,7 +186,7 @@ def train_command(
         history = train_on_data(
             module, dataset, optimizer, epochs, batch_size=batch_size, lr=lr, seed=seed, out_prefix=output, overwrite=force,
             progress=not quiet, save_model=lambda m, p: io.save(m, p, input_shapes=shapes, allow=allow),
-            teacher=teacher_module, distill=distill, temperature=temperature,
+            teacher=teacher_module, distill=distill, temperature=temperature, checkpoint=checkpoint,
         )  # fmt: skip
     except FloatingPointError as e:
         raise TrainingError(f"training diverged: {e}; nothing was written") from None
@@ -150,6 +194,9 @@ def train_command(
         return
     acc = history.final_val_accuracy
     split = dataset.val_name
-    out.print(f"{name}, {optimizer}, {epochs} epoch{'' if epochs == 1 else 's'}: {split} accuracy {100 * acc:.2f}%" if acc is not None else f"no {split} accuracy", highlight=False)
+    out.print(
+        f"{name}, {optimizer}, {epochs} epoch{'' if epochs == 1 else 's'}: {split} accuracy {100 * acc:.2f}%" if acc is not None else f"no {split} accuracy",
+        highlight=False,
+    )
     for kind, path in history.meta.get("outputs", {}).items():
         out.print(f"{kind} written to {path}", highlight=False)

@@ -19,6 +19,7 @@ terminal); ``progress=False`` turns both off.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -176,6 +177,32 @@ def _epoch_line(record: EpochRecord, epochs: int, val_name: str = "val") -> str:
     return line + f" ({record.seconds:.1f} s)"
 
 
+def _resume(
+    path: str | os.PathLike | None,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: Any,
+    train_loader: Iterable,
+    history: History,
+    epochs: int,
+    progress: bool,
+) -> int:
+    """Restore the checkpoint at ``path`` if there is one (see :mod:`.checkpoint`); the epochs it holds."""
+    if path is None or not os.path.exists(path):
+        return 0
+    from . import checkpoint as ckpt
+
+    data = ckpt.load(path)
+    done = int(data["epoch"])
+    if done > epochs:
+        raise ckpt.CheckpointError(f"checkpoint {os.fspath(path)} holds {done} epochs, more than the {epochs} asked for")
+    ckpt.restore(data, path, model=model, optimizer=optimizer, scheduler=scheduler, generators=ckpt.loader_generators(train_loader))
+    history.epochs.extend(History.from_dict(data["history"]).epochs)
+    if progress:
+        print(f"resuming from {os.fspath(path)} after epoch {done}/{epochs}", file=sys.stderr)
+    return done
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable,
@@ -192,6 +219,7 @@ def fit(
     teacher: nn.Module | None = None,
     distill: float = 0.5,
     temperature: float = 2.0,
+    checkpoint: str | os.PathLike | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return the :class:`History`.
 
@@ -204,6 +232,12 @@ def fit(
     ``(1 - distill) * loss_fn(out, target) + distill * T² * KL(softmax(teacher/T) ‖ softmax(out/T))``
     (Hinton et al.'s soft targets at ``temperature`` T; the T² keeps the gradient scale); the
     teacher runs in eval mode without gradients. Validation uses ``loss_fn`` alone.
+
+    ``checkpoint``: a file written (atomically, by rank 0) after every epoch with everything
+    needed to resume — weights, optimizer (QIMAD's swarm included), scheduler, epoch, RNG and data
+    generator states, the history so far (:mod:`qcd_fx.train.checkpoint`). When it exists at the
+    start, training resumes after its last epoch, and ends as an uninterrupted run would (same
+    weights and history); a checkpoint of another model or optimizer raises ``CheckpointError``.
     """
     if teacher is not None and not (0 <= distill <= 1 and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {distill!r}, {temperature!r}")
@@ -216,15 +250,22 @@ def fit(
     dev = torch.device(device) if device is not None else None
     parallel = distributed.active()
     if parallel:
-        if _is_population(optimizer) or _needs_closure(optimizer):
+        if _is_population(optimizer):  # the agents are split over the ranks, not the data: no DDP, whole batches
+            if not getattr(optimizer, "distributed_ready", False):
+                raise ValueError(
+                    f"fit across {distributed.world()} ranks takes gradient optimizers, QIMAD or QuantumDynamics; {type(optimizer).__name__} runs in one process"
+                )
+            train_loader = distributed.whole_batches(train_loader)
+        elif _needs_closure(optimizer):
             raise ValueError(f"fit across {distributed.world()} ranks takes gradient optimizers; {type(optimizer).__name__} runs in one process")
-        if not isinstance(model, nn.parallel.DistributedDataParallel):
+        elif not isinstance(model, nn.parallel.DistributedDataParallel):
             model = nn.parallel.DistributedDataParallel(model)  # gradients averaged over the ranks
         progress = progress and distributed.is_main()
     base_loss = loss_fn
     if teacher is not None:
         teacher.eval()
     history = History(meta={"optimizer": type(optimizer).__name__, "epochs": epochs})
+    start = _resume(checkpoint, model, optimizer, scheduler, train_loader, history, epochs, progress)
     population = _is_population(optimizer)
     closure_style = not population and _needs_closure(optimizer)
     if population and hasattr(optimizer, "set_total_steps"):
@@ -259,7 +300,7 @@ def fit(
             except TypeError:
                 total = None
             task = bar.add_task("train", total=total, epoch=0, epochs=epochs, info="")
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start + 1, epochs + 1):
             model.train()
             if bar is not None:
                 bar.reset(task, epoch=epoch, epochs=epochs, info="")
@@ -312,7 +353,7 @@ def fit(
                 if bar is not None:
                     bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
             seconds = time.perf_counter() - t0
-            if parallel:  # the epoch's sums over every rank's share
+            if parallel and not population:  # the epoch's sums over every rank's share (population: every rank saw every batch)
                 loss_sum, seen, correct, known = distributed.all_reduce_sum([loss_sum, seen, correct, float(accuracy_known)])
                 seen, correct = int(seen), int(correct)
                 accuracy_known = known == distributed.world()
@@ -330,6 +371,11 @@ def fit(
             history.epochs.append(record)
             if console is not None:
                 console.print(_epoch_line(record, epochs, val_name), markup=False, soft_wrap=True)
+            if checkpoint is not None:  # before on_epoch: what it does (or raises) comes after the saved epoch
+                from . import checkpoint as ckpt
+
+                ckpt.save(checkpoint, model=model, optimizer=optimizer, epoch=epoch, history=history.to_dict(),
+                          generators=ckpt.loader_generators(train_loader), scheduler=scheduler)  # fmt: skip
             if on_epoch is not None:
                 on_epoch(record)
     finally:

@@ -45,13 +45,15 @@ def train_on_data(
     teacher: nn.Module | None = None,
     distill: float = 0.5,
     temperature: float = 2.0,
+    checkpoint: str | os.PathLike | None = None,
 ) -> History:
     """Train ``model`` on ``data`` and return the history (validation columns: ``data.val``).
 
     ``seed`` fixes the shuffling and the optimizer's randomness (the model's initial weights are
     whatever ``model`` holds). The model takes the data's inputs as they are, or flattened (an
     MLP on images); :func:`~qcd_fx.datasets.check_fits` says why not otherwise. ``teacher``:
-    distil from it (see :func:`~qcd_fx.train.fit`; it gets the same inputs).
+    distil from it (see :func:`~qcd_fx.train.fit`; it gets the same inputs). ``checkpoint``: write
+    one after every epoch and resume from it when it exists (see :func:`~qcd_fx.train.fit`).
 
     With ``out_prefix`` (e.g. ``"runs/mlp"``) three files are written, all or none (temporary
     files created before training, renamed at the end): ``<prefix>.pt`` (``save_model(model,
@@ -79,7 +81,7 @@ def train_on_data(
         opt = make_optimizer(optimizer_name, model.parameters(), lr=lr, seed=seed, **(optimizer_options or {}))
         history = fit(
             net, train_loader, opt, epochs, val_loader=val_loader, progress=progress, val_name=data.val_name,
-            teacher=teacher, distill=distill, temperature=temperature,
+            teacher=teacher, distill=distill, temperature=temperature, checkpoint=checkpoint,
         )  # fmt: skip
         history.meta.update(
             optimizer=optimizer_name, lr=opt.param_groups[0]["lr"], batch_size=batch_size, seed=seed, data=data.spec,
