@@ -31,6 +31,7 @@ CASES = {
     "hf_sweep": (["--out", "{out}/hf_sweep"], "hf_sweep.json", {"meta", "summary", "rows"}),
     "compress": (["--out", "{out}/compress"], "compress.json", {"meta", "summary", "baselines", "rows", "peak_rss"}),
     "compiled": (["--out", "{out}/compiled"], "compiled.json", {"meta", "summary", "rows"}),
+    "distributed": (["--out", "{out}/distributed"], "distributed.json", {"meta", "summary", "rows"}),
 }
 
 
