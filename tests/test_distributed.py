@@ -43,9 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, world: int, optimizer: str) -> tuple[dict, list]:
+def _run(tmp_path, world: int, optimizer: str, worker: str = WORKER) -> tuple[dict, list]:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     out = str(tmp_path / f"{optimizer}-{world}")
     port = _free_port()
     procs = []
@@ -118,3 +118,36 @@ def test_cli_train_nproc_launches_two_workers_and_rank0_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.curve.png", "run.history.json", "run.pt"]
     bad = subprocess.run([*cmd[:-2], "-b", "63"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --batch-size 63 (the global batch) must be a multiple of --nproc 2"]
+
+
+FSDP_WORKER = (
+    WORKER.replace(
+        "history = fit(",
+        """from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+fully_shard(model, mesh=init_device_mesh("cpu", (distributed.world(),)))
+try:
+    make_optimizer("cce", model.parameters())
+    raise SystemExit("CCE accepted sharded parameters")
+except ValueError as e:
+    assert "sharded (FSDP / fully_shard)" in str(e), e
+history = fit(""",
+    )
+    .replace('torch.save(model.state_dict(), out + ".pt")', "pass")
+    .replace(
+        "if distributed.is_main():\n    pass",
+        'full = {k: v.full_tensor() for k, v in model.state_dict().items()}\nif distributed.is_main():\n    torch.save(full, out + ".pt")',
+    )
+)
+
+
+def test_fully_shard_on_cpu_gloo_trains_like_one_process_and_cce_refuses_it(tmp_path):
+    """FSDP2 (``fully_shard``) runs on CPU with gloo: ``fit`` adds no DDP around it (FSDP reduces
+    the gradients itself) and Adam follows the one-process trajectory; CCE, whose per-tensor
+    statistics need whole gradients, refuses sharded parameters in one line."""
+    assert "full_tensor" in FSDP_WORKER and "fully_shard(model" in FSDP_WORKER
+    single_w, single_h = _run_single(tmp_path, "adam")
+    fsdp_w, fsdp_h = _run(tmp_path, 2, "adam", FSDP_WORKER)
+    for k in single_w:
+        torch.testing.assert_close(fsdp_w[k], single_w[k], rtol=1e-4, atol=2e-5)
+    assert fsdp_h[:2] == pytest.approx(single_h[:2], rel=1e-4)
