@@ -30,6 +30,19 @@ Every group keeps at least one unit; ``round_to=N`` keeps a multiple of N units.
 ``scope=nodes`` (or ``both``) also removes residual branches ``x + f(x) -> x`` whose output
 efficiency is below the output's efficiency (at most ``ratio`` of the branches when a ratio is
 given), then dead code.
+
+Calibration streams: no activation is kept. Each calibration batch adds, per channel, the sums
+``sum |a_c|`` and ``sum s_c`` (float64) and the number of positions to :class:`Moments` (the
+entropy term is taken across channels at one position, so these sums are exact sufficient
+statistics of ``I_c`` and ``S_c``), and the output's efficiency to a running sum; peak memory is
+one forward pass instead of every activation of every batch. Under ``torch.distributed`` (a
+process group with more than one rank; every rank runs the pass on the same model, each on its
+shard of the calibration batches) the sums are all-reduced in one float64 vector, so every rank
+scores on the union of the shards and keeps the channels one process over all the batches keeps
+(shard by whole batches: the output's efficiency, the ``threshold=auto`` reference, is the mean
+of per-batch values, as on one process). Rank 0's decision (the removed units) and then its
+pruned parameters and buffers are broadcast, after a check that every rank built the same graph,
+so the ranks cannot diverge.
 """
 
 from __future__ import annotations
@@ -37,19 +50,22 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .. import measures
+from .. import distributed, measures
 from ..analysis import count_macs, eval_no_grad
 from ..errors import PreconditionError
 from .base import Pass, PassOutcome, option, register
 from .dependency import FROZEN, Dependencies, analyze
+from .dependency.core import Chan
 from .runtime import PassContext, Runner, tensor_leaves
 
 """``gm.meta`` key under which the pipeline hands calibration batches (tuples of inputs) to passes."""
@@ -105,15 +121,21 @@ class CDGPrune(Pass):
             if removed:
                 _ensure_shapes(gm, calib, self.name, force=True)
             if self.scope == "nodes":
+                _broadcast_state(gm)
                 return PassOutcome(gm, bool(removed), notes, stats)
         deps = analyze(gm)
-        acts: dict[str, torch.Tensor] = {}
+        effs: dict[str, np.ndarray] = {}
         out_eff: float | None = None
-        if calib and (self.criterion == "cdg" or self.threshold == "auto"):
-            acts, out_eff = _calibrate(gm, calib, set(deps.producers))
-        elif self.criterion == "cdg":
+        if (calib or distributed.active()) and (self.criterion == "cdg" or self.threshold == "auto"):
+            # every rank calibrates (even on an empty shard): the statistics are all-reduced
+            cal = _calibrate(gm, calib, deps.producers)
+            if cal.batches:
+                effs, out_eff = cal.efficiencies(), cal.output_efficiency
+                if distributed.active():
+                    stats["calibration_batches"] = int(cal.batches)
+        if out_eff is None and self.criterion == "cdg":
             notes.append("no calibration data: cdg scored from weights only")
-        scores = _scores(gm, deps, self.criterion, acts, self.seed)
+        scores = _scores(gm, deps, self.criterion, effs, self.seed)
         if self.target_macs is not None:
             if not calib:
                 raise PreconditionError(self.name, "target_macs needs example inputs to count MACs")
@@ -129,8 +151,10 @@ class CDGPrune(Pass):
             removed = _select(deps, scores, self.round_to, threshold=out_eff)
         else:
             removed = _select(deps, scores, self.round_to, ratio=self.effective_ratio)
+        removed = _broadcast_labels(removed)  # rank 0 decides (the ranks' scores agree: all-reduced statistics)
         inputs = context.example_inputs if context.example_inputs is not None else (calib[0] if calib else None)
         widths, removed = _apply_checked(gm, deps, removed, inputs, notes)
+        _broadcast_state(gm)  # rank 0's pruned weights everywhere (and a check that the graphs agree)
         skipped = [g for g in deps.groups if len(g.units) == 0]
         stats.update(
             groups=len(deps.groups),
@@ -175,26 +199,148 @@ def _ensure_shapes(gm: GraphModule, calib: list, pass_name: str, force: bool = F
         Runner(gm).run(*calib[0])
 
 
-def _calibrate(gm: GraphModule, calib: list, nodes: set[str]) -> tuple[dict[str, torch.Tensor], float]:
-    """The outputs of ``nodes`` on the calibration batches (concatenated on axis 0) and the
-    seed's efficiency of the model output (softmax over the last axis, as the seed's CDG)."""
-    values: dict[str, list[torch.Tensor]] = {}
-    outputs = []
+class Moments:
+    """Sufficient statistics of ``I`` and ``S`` along one axis, accumulated over calibration batches.
+
+    Per channel ``c`` (``width`` of them): ``abs_sum[c] = sum |a_c|`` and ``ent_sum[c] = sum s_c``
+    (float64), and ``count``, the number of terms in each sum. The seed's entropy term
+    ``s = -softmax(a) * log_softmax(a)`` is taken across the channels *at one position*, so every
+    term depends on one position of one sample only: ``I_c = abs_sum[c] / count`` and
+    ``S_c = ent_sum[c] / count`` are exactly the means over the concatenated activations, and the
+    sums of disjoint shards of the data add up to the sums over their union (the all-reduce of
+    :func:`_calibrate`). Terms are computed in float32 as before; only the sums are float64.
+    """
+
+    def __init__(self, width: int):
+        self.abs_sum = torch.zeros(width, dtype=torch.float64)
+        self.ent_sum = torch.zeros(width, dtype=torch.float64)
+        self.count = 0.0
+
+    def add_channels(self, act: torch.Tensor, axis: int) -> None:
+        """Add every position of ``act`` (channels on ``axis``): ``count`` counts positions."""
+        a = act.detach().float().movedim(axis, -1)
+        a = a.reshape(-1, a.shape[-1])
+        self.abs_sum += a.abs().sum(0, dtype=torch.float64)
+        self.ent_sum += measures.entropy_terms(a, dim=-1).sum(0, dtype=torch.float64)
+        self.count += a.shape[0]
+
+    def add_whole(self, act: torch.Tensor, dim: int) -> None:
+        """Add every element of ``act`` (softmax along ``dim``) to one total (``width`` 1)."""
+        a = act.detach().float()
+        self.abs_sum += a.abs().sum(dtype=torch.float64)
+        self.ent_sum += measures.entropy_terms(a, dim=dim).sum(dtype=torch.float64)
+        self.count += a.numel()
+
+    def efficiency(self) -> torch.Tensor:
+        """``E`` per channel (float32, as :func:`channel_efficiency` computes it)."""
+        n = max(self.count, 1.0)
+        return measures.efficiency_from((self.abs_sum / n).float(), (self.ent_sum / n).float())
+
+
+@dataclass
+class Calibration:
+    """What cdg-prune keeps from the calibration batches: :class:`Moments` per observed node and
+    the sum and number of the per-batch efficiencies of the model's output leaves (the
+    ``threshold=auto`` reference is their mean, each batch and output leaf counted once)."""
+
+    moments: dict[str, Moments]
+    out_eff_sum: float = 0.0
+    out_eff_count: float = 0.0
+    batches: float = 0.0
+
+    @property
+    def output_efficiency(self) -> float:
+        return self.out_eff_sum / self.out_eff_count if self.out_eff_count else 0.0
+
+    def efficiencies(self) -> dict[str, np.ndarray]:
+        """Per-channel ``E`` (float64 copies of the float32 values) of every node seen at least once."""
+        return {k: m.efficiency().numpy().astype(np.float64) for k, m in self.moments.items() if m.count > 0}
+
+    def payload(self) -> torch.Tensor:
+        """Every sum in one float64 vector (fixed layout: the nodes in the order given, widths from
+        the graph), so that one all-reduce combines the ranks."""
+        parts = [t for m in self.moments.values() for t in (m.abs_sum, m.ent_sum, torch.tensor([m.count], dtype=torch.float64))]
+        parts.append(torch.tensor([self.out_eff_sum, self.out_eff_count, self.batches], dtype=torch.float64))
+        return torch.cat(parts)
+
+    def load(self, flat: torch.Tensor) -> None:
+        i = 0
+        for m in self.moments.values():
+            w = m.abs_sum.numel()
+            m.abs_sum, m.ent_sum, m.count = flat[i : i + w].clone(), flat[i + w : i + 2 * w].clone(), float(flat[i + 2 * w])
+            i += 2 * w + 1
+        self.out_eff_sum, self.out_eff_count, self.batches = (float(v) for v in flat[i : i + 3])
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of the running process group (a no-op without one)."""
+        if not distributed.active():
+            return
+        layout = [(k, m.abs_sum.numel()) for k, m in self.moments.items()]
+        _check_same_on_ranks(repr(layout), "the calibration statistics (channel layout)")
+        flat = self.payload()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self.load(flat)
+
+
+class _ObservingRunner(Runner):
+    """A :class:`Runner` that hands the value of every node in ``observe`` to its callback as soon
+    as the node has run (before a later in-place op could change it), instead of keeping it."""
+
+    def __init__(self, gm: GraphModule, observe: dict[str, Any]):
+        super().__init__(gm)
+        self.observe = observe
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        fn = self.observe.get(n.name)
+        if fn is not None and isinstance(result, torch.Tensor) and result.is_floating_point():
+            fn(result)
+        return result
+
+
+def _calibrate(gm: GraphModule, calib: list, channels: dict[str, Chan] | None = None, whole: list[str] = ()) -> Calibration:
+    """Statistics of the calibration batches, accumulated batch by batch (no activation is kept):
+    per channel of each ``channels`` node (``{node: Chan}``; positions whose value has another width
+    on the channel axis are skipped), one total for each ``whole`` node (softmax along axis 1 of
+    4-d values, the last axis otherwise), and the seed's efficiency of the model output (softmax
+    over the last axis, as the seed's CDG) per batch. Under ``torch.distributed`` (more than one
+    rank) the sums are all-reduced: every rank gets the statistics of the union of the ranks'
+    batches, so every rank must call this with the same graph."""
+    channels = channels or {}
+    order = [n.name for n in gm.graph.nodes if n.name in channels or n.name in whole]
+    moments = {name: Moments(len(channels[name].atoms) if name in channels else 1) for name in order}
+    observe: dict[str, Any] = {}
+    for name in order:
+        m = moments[name]
+        if name in channels:
+            axis, width = channels[name].axis, len(channels[name].atoms)
+
+            def add(v, m=m, axis=axis, width=width):
+                if v.dim() > axis and v.shape[axis] == width:
+                    m.add_channels(v, axis)
+
+        else:
+
+            def add(v, m=m):
+                m.add_whole(v, 1 if v.dim() == 4 else v.dim() - 1)
+
+        observe[name] = add
+    cal = Calibration(moments)
     for batch in calib:
-        runner = Runner(gm, capture=set(nodes))
         with eval_no_grad(gm):
-            out = runner.run(*batch)
-        for name, v in (runner.values or {}).items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                values.setdefault(name, []).append(v.detach())
-        outputs.extend(tensor_leaves(out))
-    acts = {k: torch.cat(v) if len(v) > 1 and all(x.dim() > 0 for x in v) else v[0] for k, v in values.items()}
-    effs = [float(measures.efficiency(o.float(), dim=-1)) for o in outputs if o.is_floating_point() and o.numel()]
-    return acts, (sum(effs) / len(effs) if effs else 0.0)
+            out = _ObservingRunner(gm, observe).run(*batch)
+        for o in tensor_leaves(out):
+            if o.is_floating_point() and o.numel():
+                cal.out_eff_sum += float(measures.efficiency(o.float(), dim=-1))
+                cal.out_eff_count += 1
+        cal.batches += 1
+    cal.all_reduce()
+    return cal
 
 
 def channel_efficiency(act: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per-channel ``E_c`` of an activation (see the module docstring)."""
+    """Per-channel ``E_c`` of an activation (see the module docstring). Calibration computes the
+    same numbers from streamed sums (:class:`Moments`); this is the one-tensor reference."""
     a = act.float().movedim(axis, -1)
     a = a.reshape(-1, a.shape[-1])
     info = a.abs().mean(0)
@@ -227,8 +373,10 @@ def _slice_norms(t: torch.Tensor, dim: int, p: int, chunk_elems: int = 1 << 20) 
     return torch.cat(parts) if dim == 0 else out
 
 
-def _scores(gm: GraphModule, deps: Dependencies, criterion: str, acts: dict[str, torch.Tensor], seed: int) -> np.ndarray:
-    """Score per unit label (index = label); higher = keep."""
+def _scores(gm: GraphModule, deps: Dependencies, criterion: str, effs: dict[str, np.ndarray | torch.Tensor], seed: int) -> np.ndarray:
+    """Score per unit label (index = label); higher = keep. ``effs``: per-channel efficiencies of
+    producer nodes (:meth:`Calibration.efficiencies`), or their activations (scored by
+    :func:`channel_efficiency`)."""
     n = deps.num_atoms
     if criterion == "random":
         rng = np.random.default_rng(seed)
@@ -249,10 +397,13 @@ def _scores(gm: GraphModule, deps: Dependencies, criterion: str, acts: dict[str,
     # cdg
     eff_sum, eff_cnt = np.zeros(n), np.zeros(n)
     for node_name, chan in deps.producers.items():
-        act = acts.get(node_name)
-        if act is None or act.dim() <= chan.axis or act.shape[chan.axis] != len(chan.atoms):
+        e = effs.get(node_name)
+        if isinstance(e, torch.Tensor):
+            if e.dim() <= chan.axis or e.shape[chan.axis] != len(chan.atoms):
+                continue
+            e = channel_efficiency(e, chan.axis).numpy().astype(np.float64)
+        if e is None or len(e) != len(chan.atoms):
             continue
-        e = channel_efficiency(act, chan.axis).numpy().astype(np.float64)
         np.add.at(eff_sum, chan.atoms, e)
         np.add.at(eff_cnt, chan.atoms, 1)
     w_sum, w_cnt = np.zeros(n), np.zeros(n)
@@ -364,7 +515,9 @@ def _failure(gm: GraphModule, inputs: tuple, shapes: list[tuple[int, ...]]) -> t
     return None
 
 
-def _apply_checked(gm: GraphModule, deps: Dependencies, removed: np.ndarray, inputs: tuple | None, notes: list[str], attempts: int = 8) -> tuple[dict, np.ndarray]:
+def _apply_checked(
+    gm: GraphModule, deps: Dependencies, removed: np.ndarray, inputs: tuple | None, notes: list[str], attempts: int = 8
+) -> tuple[dict, np.ndarray]:
     """:func:`apply_pruning`, then a run on ``inputs``: if the pruned graph fails (an op whose
     sizes the analysis could not follow), the pruning is undone, the groups whose channels meet
     the failing node are left alone (a note says which node and why) and the rest is pruned
@@ -484,14 +637,15 @@ def _remove_branches(gm: GraphModule, calib: list, cap_ratio: float | None) -> l
                 break
     if not pairs:
         return []
-    acts, out_eff = _calibrate(gm, calib, {branch.name for _, _, branch in pairs})
+    # softmax along the channels of feature maps (axis 1 of 4-d values), the features otherwise
+    cal = _calibrate(gm, calib, whole=[branch.name for _, _, branch in pairs])
+    out_eff = cal.output_efficiency
     candidates = []
     for node, skip, branch in pairs:
-        act = acts.get(branch.name)
-        if act is None:
+        m = cal.moments[branch.name]
+        if not m.count:
             continue
-        axis = 1 if act.dim() == 4 else act.dim() - 1  # channels of feature maps, features otherwise
-        e = float(measures.efficiency(act.float(), dim=axis))
+        e = float(m.efficiency()[0])
         if e < out_eff:
             candidates.append((e, node, skip))
     candidates.sort(key=lambda c: c[0])
@@ -525,6 +679,46 @@ def _is_ancestor(a: Node, b: Node, limit: int = 10_000) -> bool:
         seen.add(cur)
         stack.extend(cur.all_input_nodes)
     return False
+
+
+def _check_same_on_ranks(signature: str, what: str) -> None:
+    """Raise on every rank unless ``signature`` is the same on every rank (one small all-reduce)."""
+    h = zlib.crc32(signature.encode())
+    t = torch.tensor([h, -h], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(
+            f"cdg-prune under torch.distributed: {what} differs between the ranks (rank {distributed.rank()}); every rank must run the pass on the same model"
+        )
+
+
+def _broadcast_labels(removed: np.ndarray) -> np.ndarray:
+    """Rank 0's removed unit labels on every rank (unchanged off a process group)."""
+    if not distributed.active():
+        return removed
+    n = torch.tensor([len(removed)], dtype=torch.int64)
+    dist.broadcast(n, src=0)
+    labels = torch.as_tensor(np.asarray(removed, dtype=np.int64)) if distributed.rank() == 0 else torch.zeros(int(n), dtype=torch.int64)
+    dist.broadcast(labels, src=0)
+    return labels.numpy()
+
+
+def _broadcast_state(gm: GraphModule) -> None:
+    """Make every rank's pruned model rank 0's: check that the graphs and tensor shapes agree,
+    then broadcast every parameter and buffer from rank 0 (as DDP does when it wraps a model).
+    The structure is already identical (same decision, deterministic rewrite); the broadcast also
+    covers ranks whose weights differed before the pass (an unseeded initialisation)."""
+    if not distributed.active():
+        return
+    state = gm.state_dict(keep_vars=True)
+    _check_same_on_ranks(gm.code + repr([(k, tuple(v.shape), str(v.dtype)) for k, v in state.items()]), "the pruned graph")
+    seen: set[int] = set()
+    with torch.no_grad():
+        for v in state.values():
+            if id(v) in seen or not isinstance(v, torch.Tensor):
+                continue
+            seen.add(id(v))
+            dist.broadcast(v.data, src=0)
 
 
 def cdg_freeze(model: nn.Module, outputs: torch.Tensor, eps: float = measures.EPS) -> list[str]:
