@@ -84,15 +84,22 @@ class CDGPrune(Pass):
     )
     criterion: Literal["cdg", "l1", "l2", "random"] = option("channel score: cdg (seed efficiency), l1, l2, random", "cdg")
     target_macs: float | None = option("prune until MACs fall to this (fraction of current if <= 1, else absolute)", None)
+    target_latency: float | None = option(
+        "prune until the predicted latency on this machine falls to this fraction of the original's measured one "
+        "(per-layer latency table, measured once and cached)",
+        None,
+    )
     threshold: Literal["none", "auto"] = option("auto: the seed's rule, remove units less efficient than the output", "none")
     round_to: int = option("keep a multiple of this many units per group", 1)
     scope: Literal["channels", "nodes", "both"] = option("what to remove: channels, residual branches (nodes), or both", "channels")
     seed: int = option("random seed (criterion=random)", 0)
 
     def __post_init__(self):
-        chosen = [self.ratio is not None, self.target_macs is not None, self.threshold == "auto"]
+        chosen = [self.ratio is not None, self.target_macs is not None, self.threshold == "auto", self.target_latency is not None]
         if sum(chosen) > 1:
-            raise ValueError("give only one of ratio, target_macs and threshold=auto")
+            raise ValueError("give only one of ratio, target_macs, target_latency and threshold=auto")
+        if self.target_latency is not None and not (math.isfinite(self.target_latency) and 0 < self.target_latency < 1):
+            raise ValueError(f"target_latency must be a fraction in (0, 1), got {self.target_latency}")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.target_macs is not None and not (math.isfinite(self.target_macs) and self.target_macs > 0):
@@ -104,7 +111,7 @@ class CDGPrune(Pass):
 
     @property
     def effective_ratio(self) -> float | None:
-        if self.target_macs is None and self.threshold == "none":
+        if self.target_macs is None and self.target_latency is None and self.threshold == "none":
             return 0.5 if self.ratio is None else self.ratio
         return self.ratio
 
@@ -144,6 +151,14 @@ class CDGPrune(Pass):
             removed, missed = _search_macs(gm, deps, scores, self.target_macs, self.round_to, inputs)
             if missed:
                 notes.append(missed)
+        elif self.target_latency is not None:
+            if not calib:
+                raise PreconditionError(self.name, "target_latency needs example inputs to time the model")
+            inputs = context.example_inputs if context.example_inputs is not None else calib[0]
+            removed, missed, latency = _search_latency(gm, deps, scores, self.target_latency, self.round_to, inputs)
+            stats["latency"] = latency
+            if missed:
+                notes.append(missed)
         elif self.threshold == "auto":
             if out_eff is None:
                 raise PreconditionError(self.name, "threshold=auto needs calibration data (the output's efficiency)")
@@ -155,6 +170,15 @@ class CDGPrune(Pass):
         inputs = context.example_inputs if context.example_inputs is not None else (calib[0] if calib else None)
         widths, removed = _apply_checked(gm, deps, removed, inputs, notes)
         _broadcast_state(gm)  # rank 0's pruned weights everywhere (and a check that the graphs agree)
+        if "latency" in stats and inputs is not None:
+            from ..latency import measured_latency
+
+            lat = stats["latency"]
+            lat["measured_s"] = measured_latency(gm, inputs)
+            notes.append(
+                f"latency: predicted {1e3 * lat['predicted_s']:.3g} ms, measured {1e3 * lat['measured_s']:.3g} ms "
+                f"(original {1e3 * lat['original_s']:.3g} ms, target {1e3 * lat['target_s']:.3g} ms)"
+            )
         skipped = [g for g in deps.groups if len(g.units) == 0]
         stats.update(
             groups=len(deps.groups),
@@ -497,6 +521,50 @@ def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target
         else:
             lo = mid
     return best, None
+
+
+def _search_latency(
+    gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple
+) -> tuple[np.ndarray, str | None, dict[str, Any]]:
+    """Smallest uniform ratio whose pruned copy's *predicted* latency is <= ``target`` x the
+    original's measured latency (bisection, 10 steps; :class:`qcd_fx.latency.Predictor`: the
+    per-layer table of this machine, cached), a note when 95 % of every group is not enough, and
+    what was predicted."""
+    from ..latency import Predictor
+
+    predict = Predictor(gm, inputs)
+
+    def at(removed: np.ndarray) -> float:
+        trial = copy.deepcopy(gm)
+        apply_pruning(trial, deps, removed)
+        return predict(trial)
+
+    goal = target * predict.measured_s
+    lo, hi = 0.0, 0.95
+    best = _select(deps, scores, round_to, ratio=hi)
+    best_s = at(best)
+    missed = None
+    if best_s > goal:
+        missed = f"target_latency {target:g} not reached: removing 95 % of every prunable group is predicted to take {1e3 * best_s:.3g} ms of {1e3 * predict.measured_s:.3g} ms"
+    else:
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            removed = _select(deps, scores, round_to, ratio=mid)
+            s = at(removed)
+            if s <= goal:
+                hi, best, best_s = mid, removed, s
+            else:
+                lo = mid
+    predict.table.save()
+    info = {
+        "original_s": predict.measured_s,
+        "target_s": goal,
+        "predicted_s": best_s,
+        "ratio": hi,
+        "layers_timed": predict.table.measured,
+        "table": predict.table.path,
+    }
+    return best, missed, info
 
 
 def _output_shapes(gm: GraphModule, inputs: tuple) -> list[tuple[int, ...]]:
