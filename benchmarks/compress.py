@@ -12,7 +12,10 @@ The seed promised 30-50 % faster training and 20-40 % less memory. For each netw
    measurements (training-step time and training memory = activations saved for backward counted
    with saved-tensor hooks + parameters + gradients + Adam state; steps of both models interleaved,
    medians);
-5. peak RSS in a fresh process: the original and the 0.5 model are saved, then each is loaded in a
+5. the latency route: at target 0.5 with distillation, the compressed model's measured batch-1
+   latency ratio ``r`` is taken as ``target_latency=r`` for a second compression (same seed,
+   epochs, distillation): which route keeps more accuracy at the same latency;
+6. peak RSS in a fresh process: the original and the 0.5 model are saved, then each is loaded in a
    new Python process that resets its peak RSS (``/proc/self/clear_refs``, Linux) and runs
    ``--rss-steps`` training steps at batch 64; the growth of the peak (``VmHWM``) over the RSS
    before training (one process per model and repeat, alternated, median of ``--rss-repeats``).
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")
     t_start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows, baselines, rss = [], [], {}
+    rows, baselines, rss, latency_rows = [], [], {}, []
     for net in nets:
         build, make_data = NETWORKS[net]
         data = make_data()
@@ -243,6 +246,31 @@ def main(argv: list[str] | None = None) -> int:
                         f"train memory -{100 * (1 - a.train_memory_bytes / res.before.train_memory_bytes):.0f} %",
                         flush=True,
                     )
+                    if target == 0.5 and distill == distills[0]:
+                        # the same measured latency, reached by a latency target instead of a MACs target
+                        same = res.after.eager_ms_batch1 / res.before.eager_ms_batch1
+                        if 0 < same < 1:
+                            lat = compress(original, data, target_latency=same, epochs=args.finetune, distill=distill, seed=seed, progress=False)
+                            latency_rows.append(
+                                {
+                                    "network": net,
+                                    "seed": seed,
+                                    "target_latency": same,
+                                    "macs_route": {"accuracy": res.after.accuracy, "eager_ms_batch1": res.after.eager_ms_batch1, "macs": res.after.macs},
+                                    "latency_route": {
+                                        "accuracy": lat.after.accuracy,
+                                        "eager_ms_batch1": lat.after.eager_ms_batch1,
+                                        "macs": lat.after.macs,
+                                        "original_eager_ms_batch1": lat.before.eager_ms_batch1,
+                                        "predicted": lat.rounds[-1].get("latency"),
+                                    },
+                                }
+                            )
+                            print(
+                                f"  same latency ({same:.2f} of the original): target_macs route {100 * res.after.accuracy:.2f} %, "
+                                f"target_latency route {100 * lat.after.accuracy:.2f} % ({lat.after.eager_ms_batch1 / lat.before.eager_ms_batch1:.2f} measured)",
+                                flush=True,
+                            )
                     if seed == 0 and target == 0.5 and distill == distills[0]:
                         with tempfile.TemporaryDirectory() as tmp:
                             paths = {"original": os.path.join(tmp, "original.pt"), "compressed": os.path.join(tmp, "compressed.pt")}
@@ -273,11 +301,21 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     summary = summarize(rows, baselines, rss)
+    for net in dict.fromkeys(r["network"] for r in latency_rows):
+        sel = [r for r in latency_rows if r["network"] == net]
+        summary[net]["latency_vs_macs_route_at_equal_latency"] = {
+            "accuracy_macs_route": mean_sd([r["macs_route"]["accuracy"] for r in sel]),
+            "accuracy_latency_route": mean_sd([r["latency_route"]["accuracy"] for r in sel]),
+            "measured_latency_ratio_latency_route": statistics.median(
+                r["latency_route"]["eager_ms_batch1"] / r["latency_route"]["original_eager_ms_batch1"] for r in sel
+            ),
+            "target_latency_ratio": statistics.median(r["target_latency"] for r in sel),
+        }
     path = args.out if args.out.endswith(".json") else args.out + ".json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"meta": meta, "summary": summary, "baselines": baselines, "rows": rows, "peak_rss": rss}, f, indent=1)
+        json.dump({"meta": meta, "summary": summary, "baselines": baselines, "rows": rows, "peak_rss": rss, "latency_vs_macs": latency_rows}, f, indent=1)
     os.replace(tmp, path)
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

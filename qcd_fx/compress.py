@@ -169,6 +169,7 @@ def compress(
     data: Data,
     *,
     target_macs: float = 0.5,
+    target_latency: float | None = None,
     steps: int = 1,
     epochs: int = 3,
     optimizer: str = "adam",
@@ -184,12 +185,16 @@ def compress(
 ) -> CompressResult:
     """Prune ``model`` to ``target_macs`` of its MACs (a fraction) in ``steps`` rounds, fine-tuning
     ``epochs`` epochs after each with distillation from the original, and measure both models.
-    The caller's model is not modified."""
+    With ``target_latency`` (a fraction) the rounds aim at the latency predicted for this machine
+    instead (``cdg-prune{target_latency=…}``: each round ``target_latency ** (1/steps)`` of the
+    current model's measured latency). The caller's model is not modified."""
     from .passes import transform
 
     step = on_step or (lambda _m: None)
     if not (0 < target_macs < 1):
         raise UsageError(f"--target-macs {target_macs} must be a fraction in (0, 1)")
+    if target_latency is not None and not (0 < target_latency < 1):
+        raise UsageError(f"--target-latency {target_latency} must be a fraction in (0, 1)")
     if steps < 1 or epochs < 0:
         raise UsageError("--steps must be >= 1 and --epochs >= 0")
     if optimizer not in OPTIMIZERS:
@@ -205,10 +210,17 @@ def compress(
     current: nn.Module = original
     rounds, reports = [], []
     for r in range(1, steps + 1):
-        goal = int(base_macs * target_macs ** (r / steps))
-        step(f"round {r}/{steps}: pruning to {goal:,} MACs")
-        result = transform(current, f"cdg-prune{{target_macs={goal},criterion={criterion}}}", example_inputs=(x1,), calibration=calibration)
+        if target_latency is None:
+            goal = int(base_macs * target_macs ** (r / steps))
+            step(f"round {r}/{steps}: pruning to {goal:,} MACs")
+            spec = f"cdg-prune{{target_macs={goal},criterion={criterion}}}"
+        else:
+            goal = target_latency ** (1 / steps)
+            step(f"round {r}/{steps}: pruning to {goal:.3g} of the measured latency (predicted from this machine's layer table)")
+            spec = f"cdg-prune{{target_latency={goal:.6g},criterion={criterion}}}"
+        result = transform(current, spec, example_inputs=(x1,), calibration=calibration)
         reports.append(result.report.to_dict())
+        latency = result.report.passes[-1].stats.get("latency") if result.report.passes else None
         current = result.graph_module
         if epochs:
             step(f"round {r}/{steps}: fine-tuning {epochs} epoch(s) with distillation")
@@ -229,7 +241,9 @@ def compress(
         current.eval()
         _, val = data.loaders(batch_size)
         acc = evaluate(current, val)["accuracy"] if val is not None else None
-        rounds.append({"round": r, "target_macs": goal, "macs": count_macs(current, (x1,)), "accuracy": acc})
+        rounds.append({"round": r, "target_macs" if target_latency is None else "target_latency": goal, "macs": count_macs(current, (x1,)), "accuracy": acc})
+        if latency:
+            rounds[-1]["latency"] = {k: latency[k] for k in ("original_s", "target_s", "predicted_s", "measured_s") if k in latency}
     step("measuring the original and the compressed model")
     before, after = measure(original, current, data, batch_size=batch_size, optimizer=optimizer, lr=lr)
     rounds.insert(0, {"round": 0, "target_macs": base_macs, "macs": before.macs, "accuracy": before.accuracy})

@@ -29,7 +29,7 @@ CASES = {
     "global_opt": (["--out", "{out}/global_opt", "--methods", *GLOBAL_METHODS], "global_opt.json", {"meta", "functions", "digits"}),
     "timm_sweep": (["--out", "{out}/timm_sweep"], "timm_sweep.json", {"meta", "summary", "rows"}),
     "hf_sweep": (["--out", "{out}/hf_sweep"], "hf_sweep.json", {"meta", "summary", "rows"}),
-    "compress": (["--out", "{out}/compress"], "compress.json", {"meta", "summary", "baselines", "rows", "peak_rss"}),
+    "compress": (["--out", "{out}/compress"], "compress.json", {"meta", "summary", "baselines", "rows", "peak_rss", "latency_vs_macs"}),
     "compiled": (["--out", "{out}/compiled"], "compiled.json", {"meta", "summary", "rows"}),
     "distributed": (["--out", "{out}/distributed"], "distributed.json", {"meta", "summary", "rows"}),
 }

@@ -23,6 +23,9 @@ def compress_command(
     model: ModelArg = None,
     data: Annotated[str, typer.Option("--data", help="digits, imagefolder:DIR, tensors:FILE or module:factory (see qcd-fx train --help)")] = "digits",
     target_macs: Annotated[float, typer.Option("--target-macs", help="keep this fraction of the MACs (e.g. 0.5)")] = 0.5,
+    target_latency: Annotated[
+        Optional[float], typer.Option("--target-latency", help="instead: keep this fraction of the latency predicted for this machine (cached layer table)")
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", help="prune in this many rounds, fine-tuning after each")] = 1,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="fine-tuning epochs after each round")] = 3,
     optimizer: Annotated[str, typer.Option("--optimizer", "-O", help="sgd, adam, cce, cce-seed or qimad")] = "adam",
@@ -53,6 +56,8 @@ def compress_command(
 
     if not (math.isfinite(target_macs) and 0 < target_macs < 1):
         raise UsageError(f"--target-macs {target_macs} must be a fraction in (0, 1)")
+    if target_latency is not None and not (math.isfinite(target_latency) and 0 < target_latency < 1):
+        raise UsageError(f"--target-latency {target_latency} must be a fraction in (0, 1)")
     if steps < 1 or epochs < 0 or batch_size < 1:
         raise UsageError("--steps and --batch-size must be >= 1, --epochs >= 0")
     if not (0 <= distill <= 1) or not (math.isfinite(temperature) and temperature > 0):
@@ -84,7 +89,7 @@ def compress_command(
                 fit(module, train_loader, make_optimizer("adam", module.parameters(), seed=seed), EXAMPLE_EPOCHS,
                     val_loader=val_loader, progress=not quiet, val_name=dataset.val_name)  # fmt: skip
             result = compress(
-                module, dataset, target_macs=target_macs, steps=steps, epochs=epochs, optimizer=optimizer, lr=lr,
+                module, dataset, target_macs=target_macs, target_latency=target_latency, steps=steps, epochs=epochs, optimizer=optimizer, lr=lr,
                 batch_size=batch_size, distill=distill, temperature=temperature, seed=seed, progress=not quiet, on_step=step,
             )  # fmt: skip
             step("exporting to ONNX and checking it in onnxruntime")
