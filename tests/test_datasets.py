@@ -191,6 +191,7 @@ def test_compress_example_end_to_end(tmp_path, monkeypatch):
     gm = qcd_fx.load(tmp_path / "small.pt")
     assert gm(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     one_line_error(run("compress", "--example", "--target-macs", "1.5"), 2, "--target-macs 1.5 must be a fraction in (0, 1)")
+    one_line_error(run("compress", "--example", "--target-latency", "2"), 2, "--target-latency 2.0 must be a fraction in (0, 1)")
     one_line_error(run("compress", "--example", "-o", "small", "-q"), 2, "exists")  # nothing overwritten
 
 
