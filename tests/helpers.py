@@ -27,3 +27,41 @@ def one_line_error(result, code, *fragments):
 def leftovers(directory) -> list[str]:
     """Temporary files an atomic write would leave behind on failure."""
     return [f for f in os.listdir(directory) if f.startswith(".")]
+
+
+def start_workers(script, world: int, *args: str) -> list:
+    """``script`` in ``world`` processes on loopback (``env://`` rendezvous on a free port, gloo, one
+    thread each), stdout/stderr piped; with ``world == 1`` no process-group variables at all, so
+    the worker runs as a plain single process."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    procs = []
+    for r in range(world):
+        env = {**base, "OMP_NUM_THREADS": "1"}
+        if world > 1:
+            env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_workers(procs: list, timeout: float = 600) -> None:
+    """Wait for every worker; on a failure or the timeout, kill the rest and fail with the stderr."""
+    import subprocess
+
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-3000:]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"a worker did not finish within {timeout:g} s") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -3,12 +3,12 @@ follow the single-process trajectory with the same global batch."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import start_workers, wait_workers
 
 from qcd_fx.distributed import ShardedBatches
 
@@ -37,40 +37,11 @@ torch.distributed.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, world: int, optimizer: str, worker: str = WORKER) -> tuple[dict, list]:
     script = tmp_path / "worker.py"
     script.write_text(worker)
     out = str(tmp_path / f"{optimizer}-{world}")
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(r),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(r),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        if world == 1:
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                env.pop(key)
-        procs.append(subprocess.Popen([sys.executable, str(script), optimizer, out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err[-3000:]
+    wait_workers(start_workers(script, world, optimizer, out))
     return torch.load(out + ".pt"), json.loads(open(out + ".json").read())
 
 

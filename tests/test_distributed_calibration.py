@@ -2,14 +2,12 @@
 (and their counts) are accumulated batch by batch and all-reduced, so 2 gloo ranks over 2 shards
 of the calibration batches prune exactly as one process over all of them."""
 
-import os
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import start_workers, wait_workers
 
 import qcd_fx
 from qcd_fx.examples import digits_cnn
@@ -66,37 +64,10 @@ if distributed.active():
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path, world: int) -> list[subprocess.Popen]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        if world > 1:
-            env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r))
-        else:
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                env.pop(key, None)
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float = 240) -> None:
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err[-3000:]
+    return start_workers(script, world, tmp_path / "out")
 
 
 def _same_state(a: dict, b: dict, exact: bool = True) -> None:
@@ -111,7 +82,7 @@ def _same_state(a: dict, b: dict, exact: bool = True) -> None:
 
 def test_two_gloo_ranks_over_two_shards_keep_the_channels_of_one_process(tmp_path):
     procs = _launch(tmp_path, 1) + _launch(tmp_path, 2)  # the single process and the 2 ranks run side by side
-    _wait(procs)
+    wait_workers(procs)
     one = torch.load(tmp_path / "out-1-rank0.pt", weights_only=False)
     r0 = torch.load(tmp_path / "out-2-rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "out-2-rank1.pt", weights_only=False)

@@ -5,12 +5,12 @@ every rank's ``state_dict`` is the whole one-process swarm."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import start_workers, wait_workers
 from torch.utils.data import DataLoader
 
 from qcd_fx import distributed
@@ -118,26 +118,12 @@ if distributed.active():
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(tmp_path, world: int) -> tuple[str, list[subprocess.Popen]]:
     """Start the worker in ``world`` processes (one: no process group)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = str(tmp_path / f"run{world}")
-    port = _free_port()
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    procs = []
-    for r in range(world):
-        env = {**base, "OMP_NUM_THREADS": "1"}
-        if world > 1:
-            env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return out, procs
+    return out, start_workers(script, world, out)
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +131,7 @@ def runs(tmp_path_factory):
     """(results, states) of the one-process run and of each rank of the 2-process run (run side by side)."""
     tmp = tmp_path_factory.mktemp("distributed_qimad")
     started = [_start(tmp, 1), _start(tmp, 2)]
-    procs = [p for _, ps in started for p in ps]
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, err[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    wait_workers([p for _, ps in started for p in ps], timeout=TIMEOUT)
     (single,), ranks = (
         [(json.loads(open(f"{out}-{r}.json").read()), torch.load(f"{out}-{r}.pt", weights_only=False)) for r in range(len(ps))] for out, ps in started
     )
