@@ -339,3 +339,27 @@ def test_frozen_channels_do_not_join_unrelated_groups():
     shared one ratio, and at 0.9 the stem lost every channel (a zero-width conv)."""
     gm = assert_prunes_exactly(PartlyFrozen(), conv_images(), ratio=0.9)
     assert (gm.stem.out_channels, gm.c.out_channels, gm.d.out_channels) == (1, 5, 1)
+
+
+class _ExpandAsRepeat(nn.Module):
+    """A gate broadcast with ``expand_as`` and a ``repeat`` along the channels (MoE/recurrent idioms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.b = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * self.g(x).mean(0, keepdim=True).expand_as(h)
+        h2 = h.repeat(1, 2)  # every channel twice: removing one removes both copies
+        return self.b(h2[:, :16] + h2[:, 16:])
+
+
+def test_expand_as_ties_both_sides_and_repeat_tiles_the_channels():
+    torch.manual_seed(0)
+    model, x = _ExpandAsRepeat(), torch.randn(3, 8)
+    gm = assert_prunes_exactly(model, x)
+    assert shapes(gm)["a.weight"] == shapes(gm)["g.weight"] == (8, 8) and shapes(gm)["b.weight"] == (4, 8)
+    exported = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=(x,), capture="export")
+    assert exported.report.passes[0].stats["skip_reasons"] == OUTPUT_ONLY
+    assert exported.graph_module(x).shape == (3, 4)

@@ -825,6 +825,50 @@ def rule_expand(an: _Analyzer, node: Node) -> Info:
     return None
 
 
+def rule_expand_as(an: _Analyzer, node: Node) -> Info:
+    """``x.expand_as(other)``: an expand to ``other``'s shape, which decides the channel axis's
+    width at run time, so ``x``'s channels and ``other``'s on that axis are one group (when ``x``
+    broadcasts there, the result has ``other``'s channels)."""
+    x, other = node.args[0], node.args[1]
+    info, oinfo = an.of(x), an.of(other)
+    in_shape, out_shape = an.shape(x), an.shape(node)
+    if in_shape is None or out_shape is None:
+        return None
+    offset = len(out_shape) - len(in_shape)
+    if isinstance(info, Chan):
+        axis = info.axis + offset
+        if isinstance(oinfo, Chan) and oinfo.axis == axis:
+            an.union(info.atoms, oinfo.atoms)
+            return Chan(axis, info.atoms)
+        an.freeze(info.atoms, f"{node.name}: expanded to the shape of a tensor whose channels are not tracked")
+        return None
+    if isinstance(oinfo, Chan) and (oinfo.axis - offset < 0 or in_shape[oinfo.axis - offset] == 1):
+        return Chan(oinfo.axis, oinfo.atoms)
+    if isinstance(oinfo, Chan):
+        an.freeze(oinfo.atoms, f"{node.name}: a tensor with untracked channels expanded to these")
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter expanded")
+    return None
+
+
+def rule_repeat(an: _Analyzer, node: Node) -> Info:
+    """``x.repeat(*sizes)``: tiles ``x``; ``k`` copies along the channel axis carry the channels ``k``
+    times over (removing a channel removes every copy)."""
+    info = an.of(node.args[0])
+    in_shape = an.shape(node.args[0])
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if in_shape is None or not all(isinstance(k, int) for k in sizes):
+        raise _Unsupported("repeat with computed sizes")
+    offset = len(sizes) - len(in_shape)
+    if isinstance(info, Chan):
+        axis = info.axis + offset
+        k = sizes[axis]
+        return Chan(axis, info.atoms if k == 1 else np.tile(info.atoms, k))
+    if isinstance(info, ParamRef):
+        an.pin(info.name, f"{node.name}: parameter repeated")
+    return None
+
+
 def rule_cat(an: _Analyzer, node: Node) -> Info:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
