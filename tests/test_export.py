@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import leftovers, one_line_error, run
 from torch import nn
 
 import qcd_fx
@@ -21,10 +22,9 @@ from qcd_fx.errors import ExportError
 from qcd_fx.examples import digits_cnn
 from qcd_fx.export import ExportReport, export_onnx
 
-from helpers import leftovers, one_line_error, run
-
 ATOL, RTOL = 1e-4, 1e-5  # the issue's criterion: within ATOL absolute, or RTOL relative to the output's magnitude
 SANITY_RTOL = 1e-4  # and never worse than this relative error, so near-zero outputs cannot pass vacuously
+
 
 def _leaves(out):
     return [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -32,7 +32,9 @@ def _leaves(out):
 
 def _new_batch(inputs, batch, seed):
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn((batch, *t.shape[1:]), generator=gen, dtype=t.dtype) if t.is_floating_point() else t[torch.arange(batch) % t.shape[0]] for t in inputs)
+    return tuple(
+        torch.randn((batch, *t.shape[1:]), generator=gen, dtype=t.dtype) if t.is_floating_point() else t[torch.arange(batch) % t.shape[0]] for t in inputs
+    )
 
 
 def assert_onnx_parity(gm, inputs, path, *, atol=ATOL, rtol=RTOL, extra_batch=None, **kwargs) -> ExportReport:
@@ -321,6 +323,87 @@ def test_large_weights_go_to_a_data_file_atomically(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
 
 
+def test_serialize_once_gives_the_bytes_of_the_full_proto():
+    """export_onnx serializes once, splicing the weights' bytes in at the protobuf wire level:
+    the file must be byte for byte what ``model_proto.SerializeToString()`` gives, and the
+    model is left unchanged; the hollow copy has every initializer, the large ones empty."""
+    from qcd_fx.export.write import serialize_model
+
+    torch.manual_seed(0)
+    gm = qcd_fx.transform(digits_cnn().eval(), "qci,csc", (torch.randn(1, 1, 8, 8),)).graph_module
+    program = torch.onnx.export(gm, (torch.randn(2, 1, 8, 8),), dynamo=True, optimize=False, verbose=False)
+    program.optimize()  # constant folding leaves numpy-backed tensors beside torch-backed ones
+    expected = program.model_proto.SerializeToString()
+    for limit in (0, 1024, 10**12):
+        data, hollow, large = serialize_model(program.model, limit)
+        assert data == expected
+        assert (len(large) > 0) == (limit < 10**12) and (len(hollow) < len(data)) == bool(large)
+        proto = onnx.load_model_from_string(hollow)
+        full = onnx.load_model_from_string(data)
+        assert [i.name for i in proto.graph.initializer] == [i.name for i in full.graph.initializer]
+        assert all(not i.raw_data for i in proto.graph.initializer if i.name in large)
+    assert program.model_proto.SerializeToString() == expected
+
+
+def test_background_check_failures_are_reported_in_order(tmp_path, monkeypatch):
+    """onnx.checker, the onnxruntime session and its runs happen in a thread while PyTorch
+    computes the references: a failure of each still raises its own one-line error, a rejected
+    file is reported before a PyTorch failure, and nothing is left behind (file or thread)."""
+    import threading
+
+    import onnxruntime
+
+    from qcd_fx.export import core
+
+    torch.manual_seed(0)
+    gm = qcd_fx.trace(digits_cnn().eval())
+    x = torch.randn(2, 1, 8, 8)
+    path = tmp_path / "m.onnx"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx.checker, "check_model", boom)
+        with pytest.raises(ExportError, match=r"onnx.checker rejects the exported \w+: injected failure"):
+            export_onnx(gm, (x,), str(path))
+    with monkeypatch.context() as m:
+        m.setattr(core, "onnxruntime_session", boom)
+        with pytest.raises(ExportError, match=r"onnxruntime cannot load the exported \w+: injected failure"):
+            export_onnx(gm, (x,), str(path))
+    with monkeypatch.context() as m:
+        m.setattr(onnxruntime.InferenceSession, "run", boom)
+        with pytest.raises(ExportError, match=r"onnxruntime fails to run the exported \w+: injected failure"):
+            export_onnx(gm, (x,), str(path))
+    armed = []  # set once the checks make their second batch: PyTorch fails from then on
+
+    class FailsInTheChecks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = gm
+
+        def forward(self, t):
+            if armed:
+                raise RuntimeError("torch fails")
+            return self.inner(t)
+
+    second_batch = core._second_batch
+    with monkeypatch.context() as m:
+        m.setattr(core, "_second_batch", lambda *a, **k: (armed.append(1), second_batch(*a, **k))[1])
+        with pytest.raises(RuntimeError, match="torch fails"):  # a PyTorch failure on the second batch propagates
+            export_onnx(FailsInTheChecks().eval(), (x,), str(path))
+        armed.clear()
+        m.setattr(onnx.checker, "check_model", boom)
+        with pytest.raises(ExportError, match="onnx.checker rejects"):  # but a rejected file is reported first
+            export_onnx(FailsInTheChecks().eval(), (x,), str(path))
+    assert armed
+    assert not path.exists() and leftovers(tmp_path) == []
+    assert not any(t.name == "qcd_fx-onnx-checks" for t in threading.enumerate())
+    report = export_onnx(gm, (x,), str(path))  # and it works again
+    assert report.ok and [p.inputs for p in report.parity] == ["example", "batch 3", "|x|", "-|x|", "10x"]
+    assert {"checker", "session", "onnxruntime", "checks_wait"} <= set(report.timings)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -472,9 +555,18 @@ def test_zoo_exports_after_qci_csc(name, tmp_path, record_property):
         except BaseException as e:
             row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             raise
-        row.update(ok=True, exporter=report.exporter, nodes=report.nodes, mb=report.file_bytes / 1e6, external_data=report.external_data,
-                   export_s=report.export_seconds, total_s=report.total_seconds, max_abs=report.max_abs, max_rel=report.max_rel,
-                   batches=[p.batch for p in report.parity])
+        row.update(
+            ok=True,
+            exporter=report.exporter,
+            nodes=report.nodes,
+            mb=report.file_bytes / 1e6,
+            external_data=report.external_data,
+            export_s=report.export_seconds,
+            total_s=report.total_seconds,
+            max_abs=report.max_abs,
+            max_rel=report.max_rel,
+            batches=[p.batch for p in report.parity],
+        )
     finally:
         record_property("onnx", row)
         if ZOO_RESULTS:

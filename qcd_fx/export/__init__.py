@@ -36,9 +36,15 @@ error that says so; export it with ``dynamic_batch=False``.
 Where the time goes: ``benchmarks/onnx_export.py`` measures every phase — torch's
 (function registry, ``torch.export`` capture, decomposition, translation, onnxscript optimizer)
 and qcd-fx's own (serialize, write, checker, onnxruntime session and runs, reference forwards);
-results in ``benchmarks/results/onnx_export.json`` and the README. The serialized bytes feed the
-checker and onnxruntime (nothing is re-read from disk) and the file is written in a thread while
-the checks run.
+results in ``benchmarks/results/onnx_export.json`` and the README. The model is serialized once,
+with one copy of the weights (their bytes are spliced into the serialized graph; byte for byte
+what ``model_proto.SerializeToString()`` gives, see :func:`.write.serialize_model`); those bytes
+feed the file and onnxruntime (nothing is re-read from disk), and the checker gets the graph with
+the large weights as typed inputs. The file is written in a thread while the checks run, and
+``onnx.checker``, the onnxruntime session and onnxruntime's runs go to another while PyTorch
+computes the reference outputs (the outputs are compared in order afterwards). What remains is the checks themselves: PyTorch and onnxruntime each run the example,
+a second batch size and three value variants, and onnxruntime builds its session from the full
+weights.
 One exporter cost is cut here: onnxscript's ``SlicesSplit`` rewrite costs O(nodes^2) even on
 graphs without ``Slice`` nodes; it is skipped where it cannot match. And one exporter defect is
 avoided: onnxscript's ``x + 0 -> x`` rewrite matches ``x + 1e-8``, deleting the seed's epsilon

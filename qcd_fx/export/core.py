@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from .exporters import _capture_inputs, _dynamo_export, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
 from .signature import _as_inputs, _second_batch, _value_variants, input_names, output_names
 from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, onnxruntime_session, weights_as_inputs
-from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer
+from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer, serialize_model
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # the `onnx` extra
+_CHECKER_LIMIT = 1024  # initializers above this many bytes reach onnx.checker as typed inputs (see weights_as_inputs)
 
 
 def _timed(timings: dict[str, float], key: str):
@@ -80,7 +82,10 @@ def export_onnx(
     Returns:
         An :class:`ExportReport`. ``timings`` holds seconds per step: ``reference`` (eager
         forwards), ``export``, ``serialize``, ``write``, ``checker``, ``session`` (onnxruntime
-        session creation), ``onnxruntime`` (runs) and ``compare``.
+        session creation), ``onnxruntime`` (runs) and ``compare``. ``write`` runs in a thread
+        while the checks run; ``checker``, ``session`` and ``onnxruntime`` in another while
+        the reference forwards run; ``write_wait`` and ``checks_wait`` are the waits for them.
+        qcd-fx's own wall time is ``total_seconds - export_seconds``.
 
     Raises:
         ExportError: one line naming the unsupported operator and the node, or the mismatch.
@@ -142,13 +147,17 @@ def export_onnx(
         # Serialize once: the bytes feed the file, the checker and onnxruntime.
         external = False
         tmp_dir = None
+        hollow_weights: frozenset[str] = frozenset()
         try:
             if program is not None:
                 with _timed(timings, "serialize"):
                     weight_bytes = _initializer_bytes(program)
                     external = weight_bytes > _PROTO_LIMIT
-                    proto = None if external else program.model_proto
-                    data = None if external else proto.SerializeToString()
+                    proto = data = None
+                    if not external:
+                        # the file's bytes, and the graph without the large weights' bytes (for the checks)
+                        data, hollow, hollow_weights = serialize_model(program.model, _CHECKER_LIMIT)
+                        proto = onnx.load_model_from_string(hollow)
             else:
                 tmp_dir = tempfile.mkdtemp(prefix=".qcd_fx_onnx.", dir=_directory(path))
                 ts_path = os.path.join(tmp_dir, "model.onnx")
@@ -178,7 +187,7 @@ def export_onnx(
                         data = f.read()
                     proto = onnx.load_model_from_string(data)
 
-            exported = _Serialized(program, proto, data, external, exporter)
+            exported = _Serialized(program, proto, data, external, exporter, hollow_weights)
             checks = _CheckOptions(check, check_batch, atol, rtol, float64_factor)
             report = _write_and_check(exported, path, gm, inputs, reference, names_in, names_out, dynamic_batch, checks, timings)
         finally:
@@ -201,6 +210,7 @@ class _Serialized:
     data: bytes | None
     external: bool
     exporter: str
+    hollow: frozenset[str] = frozenset()  # initializers whose bytes ``proto`` leaves out (they are in ``data``)
 
 
 @dataclass(frozen=True)
@@ -246,7 +256,7 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
         initializer_names = {i.name for i in graph.initializer}
         checker_target = target_for_checks
         if data is not None:  # the weights live on in `data`: check the graph with them as typed inputs
-            checker_target = weights_as_inputs(proto).SerializeToString()
+            checker_target = weights_as_inputs(proto, _CHECKER_LIMIT, exported.hollow).SerializeToString()
         op_types: dict[str, int] = {}
         domains = set()
         for node in list(graph.node) + [n for fn in proto.functions for n in fn.node]:
@@ -285,41 +295,41 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
                 f"the exporter made the batch axis of {type(gm).__name__} static; export with a static batch (dynamic_batch=False, --static-batch)"
             )
 
-        # 3. checks
+        # 3. checks. The inputs of every check are known up front; onnx.checker, the onnxruntime
+        # session and onnxruntime's runs (native code, without the GIL) go to a thread while
+        # PyTorch computes the reference outputs here; then the outputs are compared in order
         if check:
-            with _timed(timings, "checker"):
-                try:
-                    onnx.checker.check_model(checker_target, full_check=True)
-                except Exception as e:
-                    raise ExportError(f"onnx.checker rejects the exported {type(gm).__name__}: {first_line(e)}") from e
-            report.checker_ok = True
-            with _timed(timings, "session"):
-                try:
-                    session = onnxruntime_session(target_for_checks)
-                except Exception as e:
-                    raise ExportError(f"onnxruntime cannot load the exported {type(gm).__name__}: {_ort_failure(e, proto, gm)}") from e
-            batches = [("example", inputs, tensor_leaves(reference))]
+            candidates = [("example", inputs, False)]  # (label, inputs, skipped if PyTorch fails on them)
             batch = inputs[0].shape[0] if inputs[0].dim() >= 1 else None
             if any(dynamic) and batch is not None:
                 b2 = check_batch or batch + 1
                 if b2 != batch:
-                    second = _second_batch(inputs, dynamic, b2)
+                    candidates.append((f"batch {b2}", _second_batch(inputs, dynamic, b2), False))
+            candidates += [(label, variant, True) for label, variant in _value_variants(inputs)]
+            background = _OnnxChecks(checker_target, target_for_checks, [c[1] for c in candidates], timings)
+            stack.callback(background.stop)
+            try:
+                batches = [(0, "example", inputs, tensor_leaves(reference))]
+                for i, (label, batch_inputs, optional) in enumerate(candidates[1:], 1):
                     with _timed(timings, "reference"):
-                        batches.append((f"batch {b2}", second, tensor_leaves(gm(*second))))
-            for label, variant in _value_variants(inputs):
-                with _timed(timings, "reference"):
-                    try:
-                        expected = tensor_leaves(gm(*variant))
-                    except Exception:  # PyTorch itself cannot take these values: nothing to compare
-                        continue
-                batches.append((label, variant, expected))
+                        try:
+                            expected = tensor_leaves(gm(*batch_inputs))
+                        except Exception:  # PyTorch itself cannot take these values: nothing to compare
+                            if not optional:
+                                raise
+                            continue
+                    batches.append((i, label, batch_inputs, expected))
+            except BaseException:
+                background.stop()
+                background.outputs(gm, proto)  # a rejected file is reported first, as if checked first
+                raise
+            ort_outputs = background.outputs(gm, proto)
+            report.checker_ok = True
             exact = Float64Reference(gm)
-            for label, batch_inputs, expected in batches:
-                with _timed(timings, "onnxruntime"):
-                    try:
-                        got = session.run(None, _feed(session, batch_inputs))
-                    except Exception as e:
-                        raise ExportError(f"onnxruntime fails to run the exported {type(gm).__name__}: {_ort_failure(e, proto, gm)}") from e
+            for i, label, batch_inputs, expected in batches:
+                got = ort_outputs[i]
+                if isinstance(got, BaseException):
+                    raise ExportError(f"onnxruntime fails to run the exported {type(gm).__name__}: {_ort_failure(got, proto, gm)}") from got
                 with _timed(timings, "compare"):
                     b = batch_inputs[0].shape[0] if batch_inputs[0].dim() >= 1 else None
                     parity = compare_outputs(got, expected, report.output_names, atol, rtol, b)
@@ -342,5 +352,60 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
                         f"onnxruntime output '{parity.worst_output}' differs from PyTorch by {parity.max_abs:.3g} "
                         f"(relative {parity.max_rel:.3g}; tolerance {atol:g} absolute or {rtol:g} relative) on {where} (batch {b}){judged}; the file was not written"
                     )
-            del session
     return report
+
+
+class _OnnxChecks:
+    """In a background thread: ``onnx.checker`` on ``checker_target``, an onnxruntime session for
+    ``model`` (bytes or a path), and its run on each of ``batches`` (input tuples).
+    :meth:`outputs` waits (``timings["checks_wait"]``) and returns one entry per batch — the
+    outputs, or the exception onnxruntime raised on it — or raises the one-line
+    :class:`ExportError` for a rejected file. ``timings["checker"]``, ``["session"]`` and
+    ``["onnxruntime"]`` are the thread's own seconds (they overlap the reference forwards)."""
+
+    def __init__(self, checker_target, model, batches: list[tuple], timings: dict[str, float]):
+        self.timings = timings
+        self.results: list = []
+        self.failure: tuple[str, BaseException] | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(checker_target, model, batches), name="qcd_fx-onnx-checks", daemon=True)
+        self.thread.start()
+
+    def _run(self, checker_target, model, batches) -> None:
+        import onnx
+
+        stage = "checker"
+        try:
+            with _timed(self.timings, "checker"):
+                onnx.checker.check_model(checker_target, full_check=True)
+            stage = "session"
+            with _timed(self.timings, "session"):
+                session = onnxruntime_session(model, spinning=False)  # it runs beside PyTorch's forwards
+        except BaseException as e:  # re-raised by outputs()
+            self.failure = (stage, e)
+            return
+        try:
+            for batch_inputs in batches:
+                if self.stopping.is_set():
+                    return
+                with _timed(self.timings, "onnxruntime"):
+                    try:
+                        self.results.append(session.run(None, _feed(session, batch_inputs)))
+                    except Exception as e:  # reported when its batch is compared
+                        self.results.append(e)
+        finally:
+            del session
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def outputs(self, gm, proto) -> list:
+        with _timed(self.timings, "checks_wait"):
+            self.thread.join()
+        if self.failure is not None:
+            stage, e = self.failure
+            if stage == "checker":
+                raise ExportError(f"onnx.checker rejects the exported {type(gm).__name__}: {first_line(e)}") from e
+            raise ExportError(f"onnxruntime cannot load the exported {type(gm).__name__}: {_ort_failure(e, proto, gm)}") from e
+        return self.results

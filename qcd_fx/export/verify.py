@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -12,12 +12,16 @@ from ..errors import ExportError
 from .report import BatchParity
 
 
-def onnxruntime_session(model: bytes | str, threads: int | None = None):
-    """An onnxruntime CPU session for a serialized model or a path (``threads``: intra-op threads)."""
+def onnxruntime_session(model: bytes | str, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU session for a serialized model or a path (``threads``: intra-op threads;
+    ``spinning=False``: idle worker threads sleep instead of spinning, for a session that runs
+    beside other work — the results are the same)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -58,9 +62,11 @@ def compare_outputs(
     return BatchParity(batch, worst_abs, worst_rel, worst_name, ok)
 
 
-def weights_as_inputs(proto, limit: int = 1024):
+def weights_as_inputs(proto, limit: int = 1024, names: Collection[str] = ()):
     """``proto`` (changed in place, and returned) with every initializer above ``limit`` bytes
-    replaced by a graph input of the same name, type and shape, for ``onnx.checker``.
+    (and every one named in ``names``: those whose bytes the proto leaves out, see
+    :func:`~qcd_fx.export.write.serialize_model`) replaced by a graph input of the same name,
+    type and shape, for ``onnx.checker``.
 
     The full check (graph structure, types, shape inference) then reads kilobytes instead of the
     whole model: its cost no longer grows with the weights (ViT-B/16 after ``qci,csc``: 835 MB).
@@ -71,7 +77,7 @@ def weights_as_inputs(proto, limit: int = 1024):
     graph = proto.graph
     small, large = [], []
     for init in graph.initializer:
-        (large if init.ByteSize() > limit else small).append(init)
+        (large if init.name in names or init.ByteSize() > limit else small).append(init)
     typed = [onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in large]
     del graph.initializer[:]
     graph.initializer.extend(small)

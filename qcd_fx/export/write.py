@@ -76,3 +76,187 @@ def _scratch_with_data() -> Iterator[str]:
     """A throw-away location for a model with external weights (dry runs)."""
     with tempfile.TemporaryDirectory(prefix="qcd_fx_onnx.") as tmp_dir:
         yield os.path.join(tmp_dir, "model.onnx")
+
+
+# --- serializing once --------------------------------------------------------------------
+#
+# ``program.model_proto`` copies every weight into protobuf (``tobytes`` and the ``raw_data``
+# field) and ``SerializeToString`` copies it again: three copies of the weights (ViT-B/16 after
+# ``qci,csc``: 835 MB each) before a byte reaches the file. :func:`serialize_model` serializes
+# the graph with the large weights' ``raw_data`` left empty, then splices each weight's bytes in
+# at the protobuf wire level: the same bytes ``SerializeToString`` produces (field order and
+# all), with one copy of the weights (the final join).
+
+_LEN = 2  # protobuf wire type of length-delimited fields
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9  # onnx.proto field numbers
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """The fields of a serialized message: (number, wire type, field start, payload start, end)."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        field_start = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+            payload = pos
+        elif wire == 1:
+            payload, pos = pos, pos + 8
+        elif wire == _LEN:
+            n, payload = _read_varint(buf, pos)
+            pos = payload + n
+        elif wire == 5:
+            payload, pos = pos, pos + 4
+        else:  # groups (wire types 3, 4) do not occur in onnx.proto
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield number, wire, field_start, payload, pos
+
+
+def _len_field(number: int, length: int) -> bytes:
+    return _varint(number << 3 | _LEN) + _varint(length)
+
+
+class _Hollow:
+    """A tensor's metadata (name, type, shape, doc string, properties) without its bytes."""
+
+    def __init__(self, tensor):
+        self.name = tensor.name
+        self.doc_string = tensor.doc_string
+        self.dtype = tensor.dtype
+        self.shape = tensor.shape
+        self.metadata_props = tensor.metadata_props
+        self.meta = getattr(tensor, "meta", None)
+        self.size = getattr(tensor, "size", 0)
+        self.nbytes = 0
+
+    def tobytes(self) -> bytes:
+        return b""
+
+
+def _raw_bytes(tensor):
+    """The bytes ``tensor.tobytes()`` returns, as a buffer over the tensor's own memory (no copy)
+    where that is the same: a contiguous torch tensor (``TorchTensor``) or numpy array (a plain
+    ``ir.Tensor``, e.g. from constant folding) of a byte-aligned type on a little-endian
+    machine; else ``tensor.tobytes()``."""
+    import sys
+
+    import numpy as np
+    import onnx_ir as ir
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    if sys.byteorder != "little":
+        return tensor.tobytes()
+    raw = getattr(tensor, "raw", None)
+    if type(tensor) is TorchTensor and isinstance(raw, torch.Tensor) and not raw.is_sparse and not is_fake(raw):
+        flat = raw.detach().cpu().contiguous().reshape(-1)
+        if flat.numel() * flat.element_size() == tensor.nbytes:
+            return memoryview(flat.view(torch.uint8).numpy())
+    elif type(tensor) is ir.Tensor and isinstance(raw, np.ndarray):
+        array = tensor.numpy()
+        if array.dtype.itemsize == tensor.dtype.itemsize and array.nbytes == tensor.nbytes:  # not a packed 2/4/6-bit type
+            if not array.flags.c_contiguous:  # e.g. a folded Transpose: torch's copy is faster than numpy's
+                try:
+                    array = torch.from_numpy(array).contiguous().numpy()
+                except (TypeError, ValueError, RuntimeError):  # a dtype torch lacks, negative strides
+                    array = np.ascontiguousarray(array)
+            return memoryview(array.reshape(-1).view(np.uint8))
+    return tensor.tobytes()
+
+
+def _is_plain(tensor) -> bool:
+    """A tensor serialized as ``raw_data`` (not external, not strings, not a proto kept verbatim)."""
+    import onnx_ir as ir
+
+    return not isinstance(tensor, (ir.ExternalTensor, ir.StringTensor, ir.TensorProtoTensor))
+
+
+def serialize_model(model, limit: int = 1024) -> tuple[bytes, bytes, frozenset[str]]:
+    """Serialize an ``onnx_ir`` model (``ONNXProgram.model``) once.
+
+    Returns ``(data, hollow, large)``: ``data`` is the whole model, byte for byte what
+    ``onnx_ir.serde.serialize_model(model).SerializeToString()`` gives; ``hollow`` is the same
+    model whose top-level initializers above ``limit`` bytes (named in ``large``) have empty
+    ``raw_data`` — kilobytes, for the structure checks. The model is left as it was."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    swapped = []  # (value, tensor)
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and _is_plain(tensor) and tensor.nbytes > limit:
+            tensor.name = value.name  # as onnx_ir's serializer does
+            swapped.append((value, tensor))
+    try:
+        for value, tensor in swapped:
+            value.const_value = _Hollow(tensor)
+        hollow = ir.serde.serialize_model(model).SerializeToString()
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    weights = {value.name: tensor for value, tensor in swapped}
+    if not weights:
+        return hollow, hollow, frozenset()
+
+    pieces: list = []  # model bytes, in order
+    for number, wire, field_start, payload, end in _fields(hollow):
+        if number != _MODEL_GRAPH or wire != _LEN:
+            pieces.append(hollow[field_start:end])
+            continue
+        graph_pieces: list = []
+        for g_number, g_wire, g_start, g_payload, g_end in _fields(hollow, payload, end):
+            tensor_pieces = None
+            if g_number == _GRAPH_INITIALIZER and g_wire == _LEN:
+                tensor_pieces = _splice_tensor(hollow, g_payload, g_end, weights)
+            if tensor_pieces is None:
+                graph_pieces.append(hollow[g_start:g_end])
+            else:
+                length = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor_pieces)
+                graph_pieces += [_len_field(_GRAPH_INITIALIZER, length), *tensor_pieces]
+        length = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in graph_pieces)
+        pieces += [_len_field(_MODEL_GRAPH, length), *graph_pieces]
+    if weights:  # every swapped weight is spliced in exactly once
+        raise ExportError(f"internal error serializing the ONNX model: initializers {sorted(weights)[:3]} not found in the graph")
+    return b"".join(pieces), hollow, frozenset(v.name for v, _ in swapped)
+
+
+def _splice_tensor(buf: bytes, start: int, end: int, weights: dict) -> list | None:
+    """The pieces of a TensorProto (``buf[start:end]``) with its empty ``raw_data`` replaced by
+    the weight's bytes, or None if it is not one of ``weights`` (removed from it when found)."""
+    name = raw = None
+    for number, wire, field_start, payload, field_end in _fields(buf, start, end):
+        if wire != _LEN:
+            continue
+        if number == _TENSOR_NAME:
+            name = bytes(buf[payload:field_end]).decode()
+        elif number == _TENSOR_RAW_DATA:
+            raw = (field_start, field_end)
+    if name not in weights or raw is None:
+        return None
+    data = _raw_bytes(weights.pop(name))
+    return [buf[start : raw[0]], _len_field(_TENSOR_RAW_DATA, len(data) if isinstance(data, bytes) else data.nbytes), data, buf[raw[1] : end]]
