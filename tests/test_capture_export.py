@@ -3,6 +3,7 @@ grouped-query attention, ViT) and models fx cannot trace are captured, transform
 pruned validly, trained, saved and loaded, exported to ONNX and written as .pt2 files plain
 PyTorch runs."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def test_mixture_of_experts_prunes_every_expert_alike_and_keeps_the_experts():
     assert not [n for n in result.report.notes() if "no pruning rule" in n]
     assert any("top-k along the channel axis" in n for n in result.report.notes())
     assert main_output(gm(x)).shape == main_output(model(x)).shape
+    if importlib.util.find_spec("onnxruntime"):  # the grouped matmul has our own ONNX translation
+        parity = qcd_fx.export_onnx(gm, (x,), None).to_dict()["parity"]
+        assert len(parity) >= 2 and all(p["ok"] for p in parity), parity
 
 
 def test_keyword_inputs_attention_mask():

@@ -65,11 +65,54 @@ def _captured_output() -> Iterator[list[str]]:
             os.close(copy)
 
 
+def _grouped_mm_onnx():
+    """ONNX for a grouped (mixture-of-experts) matmul ``out[r] = a[r] @ b[group(r)]``, rows
+    sorted by group, ``offs`` the cumulative row ends: one ``MatMul`` per group (the number of
+    experts is a static weight dimension) on its ``Slice`` of rows, concatenated. For
+    transformers' ``grouped_mm_fallback`` custom op and ``aten._grouped_mm``, which torch's ONNX
+    library does not translate."""
+    from onnxscript.function_libs.torch_lib.tensor_typing import INT64, TReal
+    from onnxscript.onnx_opset import opset18 as op
+
+    def grouped_mm(mat_a: TReal, mat_b: TReal, offs: INT64, bias=None, out_dtype=None) -> TReal:
+        groups = mat_b.shape[0]
+        if not isinstance(groups, int) or bias is not None or out_dtype is not None:
+            raise ValueError("grouped matmul: the number of groups must be static, without bias or out_dtype")
+        ends = op.Cast(offs, to=7)  # int64
+        axis0 = op.Constant(value_ints=[0])
+        start = op.Constant(value_ints=[0])
+        parts = []
+        for g in range(groups):
+            end = op.Slice(ends, op.Constant(value_ints=[g]), op.Constant(value_ints=[g + 1]), axis0)
+            rows = op.Slice(mat_a, start, end, axis0)
+            parts.append(op.MatMul(rows, op.Gather(mat_b, op.Constant(value_int=g), axis=0)))
+            start = end
+        return op.Concat(*parts, axis=0) if len(parts) > 1 else parts[0]
+
+    return grouped_mm
+
+
+def _translations() -> dict:
+    """Custom ONNX translations for ops torch's library lacks (registered custom ops included,
+    when their library is loaded)."""
+    table = {}
+    fn = None
+    for get in (lambda: torch.ops.transformers.grouped_mm_fallback.default, lambda: torch.ops.aten._grouped_mm.default):
+        try:
+            target = get()
+        except (AttributeError, RuntimeError):
+            continue
+        fn = fn or _grouped_mm_onnx()
+        table[target] = fn
+    return table
+
+
 def _dynamo_export(module, inputs, names_in, names_out, dynamic_batch, opset, timings=None):
     program = torch.onnx.export(
         module,
         inputs,
         dynamo=True,
+        custom_translation_table=_translations() or None,
         input_names=names_in,
         output_names=names_out,
         dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch),
