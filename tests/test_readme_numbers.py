@@ -32,7 +32,7 @@ def load(name: str) -> dict:
     return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
-J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep")}
+J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "compiled")}
 
 
 def shown_as(token: str, value: float) -> bool:
@@ -460,7 +460,22 @@ def timm_claims(d: dict) -> list:
     ]
 
 
+def compiled_claims(d: dict) -> list:
+    s, b1, b8 = d["summary"], d["summary"]["batch1"], d["summary"]["batch8"]
+    return [
+        ("`cdg-prune{ratio=0.5,criterion=l1}`, MACs ÷ {} median", [s["median_macs_ratio"]]),
+        (
+            "the pruned model is {}× (batch 1) / {}× (batch 8) faster than the original in eager mode and {}× / {}× when both are compiled",
+            [b1["median_pruned_speedup_eager"], b8["median_pruned_speedup_eager"], b1["median_pruned_speedup_compiled"], b8["median_pruned_speedup_compiled"]],
+        ),
+        ("compiling the pruned model adds {}× / {}×", [b1["median_compile_speedup_pruned"], b8["median_compile_speedup_pruned"]]),
+        ("so pruned + compiled runs {}× / {}× faster", [b1["median_pruned_compiled_vs_original_eager"], b8["median_pruned_compiled_vs_original_eager"]]),
+        ("Compiled outputs match eager within {}.", [max(b1["max_compiled_vs_eager_abs"], b8["max_compiled_vs_eager_abs"])]),
+    ]
+
+
 CLAIMS = [
+    *compiled_claims(J["compiled"]),
     *transform_claims(J["transform_cost"]),
     *load_claims(J["load_time"]),
     *onnx_claims(J["onnx_export"]),
