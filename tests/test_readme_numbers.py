@@ -32,7 +32,7 @@ def load(name: str) -> dict:
     return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
-J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "compiled")}
+J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "compiled", "compress")}
 
 
 def shown_as(token: str, value: float) -> bool:
@@ -146,6 +146,46 @@ def global_rows(d: dict) -> dict:
     return {key.capitalize(): cells(block) for key, block in d["functions"].items()}
 
 
+def compress_rows(d: dict) -> dict:
+    nets = {"digits CNN (8×8)": "digits_cnn", "ResNet-18 (32×32)": "resnet18@32"}
+    kinds = {
+        "half the MACs, distilled": "macs0.5_distill0.5",
+        "half the MACs, not distilled": "macs0.5_distill0.0",
+        "a quarter of the MACs, distilled": "macs0.25_distill0.5",
+    }
+    out = {}
+    for label, net in nets.items():
+        s = d["summary"][net]
+        for kind, key in kinds.items():
+            e = s[key]
+            rss = [100 * s["peak_rss_reduction"]] if key == "macs0.5_distill0.5" else []
+            loss = e["accuracy_loss_points"]
+            out[f"{label}, {kind}"] = [[e["macs_ratio"]], [loss["mean"], loss["sd"]], [e["train_step_speedup"]], [100 * e["train_memory_reduction"]], rss]
+    return out
+
+
+def compress_claims(d: dict) -> list:
+    s = d["summary"]
+    cnn, rn = s["digits_cnn"], s["resnet18@32"]
+    h_cnn, h_rn = cnn["macs0.5_distill0.5"], rn["macs0.5_distill0.5"]
+    l_cnn, l_rn = cnn["latency_vs_macs_route_at_equal_latency"], rn["latency_vs_macs_route_at_equal_latency"]
+    originals = [1e3 * r["latency_route"]["predicted"]["original_s"] for r in d["latency_vs_macs"] if r["network"] == "resnet18@32"]
+    return [
+        ("The floor of the step-time gain is the MACs ratio ({}): ResNet-18 gets {} % of it, the 8×8 digits CNN {} %",
+         [h_rn["macs_ratio"], 100 * h_rn["train_step_speedup"] / h_rn["macs_ratio"], 100 * h_cnn["train_step_speedup"] / h_cnn["macs_ratio"]]),
+        ("kept {} vs {} % (digits CNN) and {} vs {} % (ResNet-18)",
+         [100 * l_cnn["accuracy_latency_route"]["mean"], 100 * l_cnn["accuracy_macs_route"]["mean"], 100 * l_rn["accuracy_latency_route"]["mean"], 100 * l_rn["accuracy_macs_route"]["mean"]]),
+        ("measured between {} and {} ms across runs", [min(originals), max(originals)]),
+        ("landed at {} of the original's latency where {} was asked (digits CNN) and at {} where {} was asked (ResNet-18)",
+         [l_cnn["measured_latency_ratio_latency_route"], l_cnn["target_latency_ratio"], l_rn["measured_latency_ratio_latency_route"], l_rn["target_latency_ratio"]]),
+        ("training steps {}× faster ({} % less time), training memory −{} % (−{} % peak RSS growth), accuracy within {} ± {} points",
+         [h_rn["train_step_speedup"], 100 * (1 - 1 / h_rn["train_step_speedup"]), 100 * h_rn["train_memory_reduction"], 100 * rn["peak_rss_reduction"],
+          h_rn["accuracy_loss_points"]["mean"], h_rn["accuracy_loss_points"]["sd"]]),
+        ("the memory gain holds (−{} %) but steps are only {}× faster ({} % less time)",
+         [100 * h_cnn["train_memory_reduction"], h_cnn["train_step_speedup"], 100 * (1 - 1 / h_cnn["train_step_speedup"])]),
+    ]  # fmt: skip
+
+
 TABLES = [
     Table("| model | input | nodes | pipeline (rank 8)", "transform_cost", "python benchmarks/transform_cost.py", transform_rows),
     Table("| variant | parity | onnxruntime ÷ eager", "onnx_export", "python benchmarks/onnx_export.py --quick --models resnet50", onnx_rows),
@@ -153,6 +193,7 @@ TABLES = [
     Table("| removed | `cdg` | `l1` | `random` |", "prune", "python benchmarks/prune.py", digits_prune_rows),
     Table("| optimizer | MLP accuracy | CNN accuracy", "optimizers", "python benchmarks/optimizers.py", optimizer_rows),
     Table("| problem | QuantumDynamics |", "global_opt", "python benchmarks/global_opt.py", global_rows),
+    Table("| compressed to | MACs ÷ |", "compress", "python benchmarks/compress.py", compress_rows),
 ]
 UNSOURCED = ("| pass | what it inserts", "| claim (seed) |")  # no measurements / its figures are in CLAIMS
 
@@ -456,7 +497,10 @@ def timm_claims(d: dict) -> list:
         ("Of these, {} trace with fx, {} prune to a valid model", [s["traced"], s["pruned_valid"]]),
         ("{} of them by at least {}x in MACs, and {} of the pruned models export", [s["floor"], d["meta"]["floor"], s["onnx_ok"]]),
         ("Torch-Pruning's model runs for {}.", [s["tp_runs"]]),
-        ("Median MACs reduction on the {} families both prune: {}x (qcd-fx) and {}x (Torch-Pruning)", [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"]]),
+        (
+            "Median MACs reduction on the {} families both prune: {}x (qcd-fx) and {}x (Torch-Pruning)",
+            [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"]],
+        ),
     ]
 
 
@@ -476,6 +520,7 @@ def compiled_claims(d: dict) -> list:
 
 CLAIMS = [
     *compiled_claims(J["compiled"]),
+    *compress_claims(J["compress"]),
     *transform_claims(J["transform_cost"]),
     *load_claims(J["load_time"]),
     *onnx_claims(J["onnx_export"]),
