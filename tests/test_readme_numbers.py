@@ -32,7 +32,10 @@ def load(name: str) -> dict:
     return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
-J = {name: load(name) for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "compiled", "compress")}
+J = {
+    name: load(name)
+    for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "compiled", "compress", "distributed")
+}
 
 
 def shown_as(token: str, value: float) -> bool:
@@ -183,6 +186,20 @@ def compress_claims(d: dict) -> list:
           h_rn["accuracy_loss_points"]["mean"], h_rn["accuracy_loss_points"]["sd"]]),
         ("the memory gain holds (−{} %) but steps are only {}× faster ({} % less time)",
          [100 * h_cnn["train_memory_reduction"], h_cnn["train_step_speedup"], 100 * (1 - 1 / h_cnn["train_step_speedup"])]),
+    ]  # fmt: skip
+
+
+def distributed_claims(d: dict) -> list:
+    r, m = d["rows"], d["meta"]
+    return [
+        ("load average {}–{} from other work", [min(m["load_average_at_start"] + m["load_average_at_end"]), max(m["load_average_at_start"] + m["load_average_at_end"])]),
+        ("QIMAD with 8 agents on the digits CNN runs {}× faster per epoch", [r["qimad_cnn"]["speedup"]]),
+        ("each step all-gathers {} MB of agent gradients", [r["qimad_cnn"]["gradient_bytes_per_step"] / 1e6]),
+        ("beside {} M MACs of evaluation per rank", [r["qimad_cnn"]["step_macs_per_rank_two_processes"] / 1e6]),
+        ("calibration of ResNet-18 on 16 batches {}× faster", [r["calibration"]["speedup"]]),
+        ("the digits CNN {}×, ResNet-18 at 32×32 {}×", [r["ddp_cnn"]["speedup"], r["ddp_resnet18"]["speedup"]]),
+        ("all-reduces {} MB of ResNet-18 gradients (4 bytes × {} M parameters) against {} G MACs",
+         [r["ddp_resnet18"]["gradient_bytes_per_step"] / 1e6, r["ddp_resnet18"]["params"] / 1e6, r["ddp_resnet18"]["step_macs_per_rank_two_processes"] / 1e9]),
     ]  # fmt: skip
 
 
@@ -521,6 +538,7 @@ def compiled_claims(d: dict) -> list:
 CLAIMS = [
     *compiled_claims(J["compiled"]),
     *compress_claims(J["compress"]),
+    *distributed_claims(J["distributed"]),
     *transform_claims(J["transform_cost"]),
     *load_claims(J["load_time"]),
     *onnx_claims(J["onnx_export"]),
