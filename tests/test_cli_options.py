@@ -489,7 +489,7 @@ def test_bad_target_macs_values(workdir):
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=0}"), 2, "target_macs must be > 0 and finite, got 0.0")
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=-5}"), 2, "target_macs must be > 0")
     one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=lots}"), 2, "option 'target_macs' must be a number, not 'lots'")
-    one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=100000,ratio=0.5}"), 2, "give only one of ratio, target_macs and threshold=auto")
+    one_line_error(run("transform", "--example", "-p", "cdg-prune{target_macs=100000,ratio=0.5}"), 2, "give only one of ratio, target_macs, target_latency and threshold=auto")
 
 
 def test_nan_target_macs_is_rejected(workdir):
