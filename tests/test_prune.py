@@ -279,7 +279,7 @@ def test_untracked_ops_leave_their_group_alone_and_say_why():
     "spec,message",
     [
         ("cdg-prune{ratio=1.5}", "ratio must be in [0, 1)"),
-        ("cdg-prune{ratio=0.3,target_macs=0.5}", "only one of ratio, target_macs and threshold=auto"),
+        ("cdg-prune{ratio=0.3,target_macs=0.5}", "only one of ratio, target_macs, target_latency and threshold=auto"),
         ("cdg-prune{threshold=auto,criterion=l1}", "needs criterion=cdg"),
         ("cdg-prune{round_to=0}", "round_to must be >= 1"),
         ("cdg-prune{criterion=l3}", "must be one of cdg, l1, l2, random"),
