@@ -128,7 +128,10 @@ class QCI(Pass):
             )
         if wide:
             notes.append(f"{wide} site(s) wider than max_width={self.max_width} left ungated")
-        return PassOutcome(gm, gates > 0, notes, {"gates": gates, "narrow_sites_skipped": narrow, "wide_sites_skipped": wide})
+        stats = {"gates": gates, "narrow_sites_skipped": narrow}
+        if self.max_width is not None:
+            stats["wide_sites_skipped"] = wide
+        return PassOutcome(gm, gates > 0, notes, stats)
 
     def _gate_bytes(self, width: int, ref: torch.Tensor) -> int:
         r = self.rank if self.rank is not None and self.rank < width else None
