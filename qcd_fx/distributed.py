@@ -22,6 +22,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def is_sharded(p: Tensor) -> bool:
+    """A parameter sharded by FSDP: ``fully_shard``'s ``DTensor`` or FSDP1's flat parameter."""
+    return type(p).__name__ == "DTensor" or bool(getattr(p, "_is_flat_param", False))
+
+
 def active() -> bool:
     """Whether a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -161,6 +166,6 @@ def whole_batches(loader: Any) -> Any:
 
 
 __all__ = [
-    "ShardedBatches", "active", "all_gather_rows", "all_reduce_sum", "broadcast_", "broadcast_int", "init_from_env", "is_main",
+    "ShardedBatches", "active", "all_gather_rows", "all_reduce_sum", "broadcast_", "broadcast_int", "init_from_env", "is_main", "is_sharded",
     "my_block", "rank", "sharded_tensor_loader", "split_counts", "whole_batches", "world",
 ]  # fmt: skip

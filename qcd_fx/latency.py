@@ -40,8 +40,7 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def cache_dir() -> str:
-    root = os.environ.get("QCD_FX_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcd_fx")
-    return root
+    return os.environ.get("QCD_FX_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcd_fx")
 
 
 def _machine_key() -> str:
@@ -200,8 +199,7 @@ class Predictor:
         self.table = table or LatencyTable()
         self.inputs = inputs
         self.base = profile(gm, inputs, self.table)
-        with eval_no_grad(gm):
-            self.measured_s = median_latency(lambda: gm(*inputs), repeats=repeats, warmup=3)
+        self.measured_s = measured_latency(gm, inputs, repeats)
         self.other_s = max(self.measured_s - self.base.layer_s, 0.0)
 
     def __call__(self, gm: GraphModule) -> float:

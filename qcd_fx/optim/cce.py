@@ -59,6 +59,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import measures
+from ..distributed import is_sharded
 
 Mode = Literal["positive", "seed"]
 MODES = ("positive", "seed")
@@ -184,11 +185,6 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf, low
         raise ValueError(f"{name} must be in {lo}{low}, {high}], got {value!r}")
 
 
-def _is_sharded(p: Tensor) -> bool:
-    """A ``DTensor`` parameter (FSDP2's ``fully_shard``) or one FSDP1 flattened into a shard."""
-    return type(p).__name__ == "DTensor" or bool(getattr(p, "_is_flat_param", False))
-
-
 class CCE(Optimizer):
     """Efficiency-scaled SGD (the seed's CCE step), safe by default.
 
@@ -245,7 +241,7 @@ class CCE(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate(group)
-            if any(_is_sharded(p) for p in group["params"]):
+            if any(is_sharded(p) for p in group["params"]):
                 raise ValueError(
                     "CCE needs each parameter's whole gradient for its per-tensor statistics; these parameters are sharded "
                     "(FSDP / fully_shard): train with DistributedDataParallel (fit does, qcd-fx train --nproc N) or use adam/sgd under FSDP"

@@ -497,29 +497,39 @@ def _keep_every_layer(deps: Dependencies, scores: np.ndarray, removed: np.ndarra
     return np.flatnonzero(dropped)
 
 
-def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple) -> tuple[np.ndarray, str | None]:
-    """Smallest uniform ratio whose pruned copy has MACs <= target (bisection, 10 steps), and a
-    note when even the largest ratio tried (0.95 of every group) stays above the target."""
-
-    def macs_at(removed: np.ndarray) -> int:
-        trial = copy.deepcopy(gm)
-        apply_pruning(trial, deps, removed)
-        return count_macs(trial, inputs)
-
-    base = count_macs(gm, inputs)
-    goal = target * base if target <= 1 else target
+def _bisect_ratio(deps: Dependencies, scores: np.ndarray, round_to: int, cost, goal: float) -> tuple[np.ndarray, float, float, bool]:
+    """Smallest uniform ratio whose removal has ``cost(removed) <= goal`` (bisection, 10 steps):
+    ``(removed, its cost, the ratio, reached)``; not reached when even 0.95 of every group stays above."""
     lo, hi = 0.0, 0.95
     best = _select(deps, scores, round_to, ratio=hi)
-    floor = macs_at(best)
-    if floor > goal:
-        return best, f"target_macs {goal:.4g} not reached: removing 95 % of every prunable group leaves {floor} MACs (of {base})"
+    best_cost = cost(best)
+    if best_cost > goal:
+        return best, best_cost, hi, False
     for _ in range(10):
         mid = (lo + hi) / 2
         removed = _select(deps, scores, round_to, ratio=mid)
-        if macs_at(removed) <= goal:
-            hi, best = mid, removed
+        c = cost(removed)
+        if c <= goal:
+            hi, best, best_cost = mid, removed, c
         else:
             lo = mid
+    return best, best_cost, hi, True
+
+
+def _pruned_copy(gm: GraphModule, deps: Dependencies, removed: np.ndarray) -> GraphModule:
+    trial = copy.deepcopy(gm)
+    apply_pruning(trial, deps, removed)
+    return trial
+
+
+def _search_macs(gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple) -> tuple[np.ndarray, str | None]:
+    """Smallest uniform ratio whose pruned copy has MACs <= target, and a note when even the
+    largest ratio tried (0.95 of every group) stays above the target."""
+    base = count_macs(gm, inputs)
+    goal = target * base if target <= 1 else target
+    best, floor, _, reached = _bisect_ratio(deps, scores, round_to, lambda removed: count_macs(_pruned_copy(gm, deps, removed), inputs), goal)
+    if not reached:
+        return best, f"target_macs {goal:.4g} not reached: removing 95 % of every prunable group leaves {floor} MACs (of {base})"
     return best, None
 
 
@@ -527,40 +537,22 @@ def _search_latency(
     gm: GraphModule, deps: Dependencies, scores: np.ndarray, target: float, round_to: int, inputs: tuple
 ) -> tuple[np.ndarray, str | None, dict[str, Any]]:
     """Smallest uniform ratio whose pruned copy's *predicted* latency is <= ``target`` x the
-    original's measured latency (bisection, 10 steps; :class:`qcd_fx.latency.Predictor`: the
-    per-layer table of this machine, cached), a note when 95 % of every group is not enough, and
-    what was predicted."""
+    original's measured latency (:class:`qcd_fx.latency.Predictor`: the per-layer table of this
+    machine, cached), a note when 95 % of every group is not enough, and what was predicted."""
     from ..latency import Predictor
 
     predict = Predictor(gm, inputs)
-
-    def at(removed: np.ndarray) -> float:
-        trial = copy.deepcopy(gm)
-        apply_pruning(trial, deps, removed)
-        return predict(trial)
-
     goal = target * predict.measured_s
-    lo, hi = 0.0, 0.95
-    best = _select(deps, scores, round_to, ratio=hi)
-    best_s = at(best)
+    best, best_s, ratio, reached = _bisect_ratio(deps, scores, round_to, lambda removed: predict(_pruned_copy(gm, deps, removed)), goal)
     missed = None
-    if best_s > goal:
+    if not reached:
         missed = f"target_latency {target:g} not reached: removing 95 % of every prunable group is predicted to take {1e3 * best_s:.3g} ms of {1e3 * predict.measured_s:.3g} ms"
-    else:
-        for _ in range(10):
-            mid = (lo + hi) / 2
-            removed = _select(deps, scores, round_to, ratio=mid)
-            s = at(removed)
-            if s <= goal:
-                hi, best, best_s = mid, removed, s
-            else:
-                lo = mid
     predict.table.save()
     info = {
         "original_s": predict.measured_s,
         "target_s": goal,
         "predicted_s": best_s,
-        "ratio": hi,
+        "ratio": ratio,
         "layers_timed": predict.table.measured,
         "table": predict.table.path,
     }

@@ -122,12 +122,6 @@ def _distilled(loss_fn: LossFn, teacher: nn.Module, inputs: Any, alpha: float, t
     return loss
 
 
-def _sharded(model: nn.Module) -> bool:
-    """Parameters sharded by FSDP (``fully_shard``'s DTensors, FSDP1's flat parameters): the
-    wrapper reduces the gradients itself, so ``fit`` adds no DDP."""
-    return any(type(p).__name__ == "DTensor" or getattr(p, "_is_flat_param", False) for p in model.parameters())
-
-
 def _is_population(optimizer: Optimizer) -> bool:
     return bool(getattr(optimizer, "population_based", False))
 
@@ -264,7 +258,7 @@ def fit(
             train_loader = distributed.whole_batches(train_loader)
         elif _needs_closure(optimizer):
             raise ValueError(f"fit across {distributed.world()} ranks takes gradient optimizers; {type(optimizer).__name__} runs in one process")
-        elif not isinstance(model, nn.parallel.DistributedDataParallel) and not _sharded(model):
+        elif not isinstance(model, nn.parallel.DistributedDataParallel) and not any(map(distributed.is_sharded, model.parameters())):
             model = nn.parallel.DistributedDataParallel(model)  # gradients averaged over the ranks (FSDP averages its own)
         progress = progress and distributed.is_main()
     base_loss = loss_fn
