@@ -192,7 +192,7 @@ def compress_claims(d: dict) -> list:
 def distributed_claims(d: dict) -> list:
     r, m = d["rows"], d["meta"]
     return [
-        ("load average {}–{} from other work", [min(m["load_average_at_start"] + m["load_average_at_end"]), max(m["load_average_at_start"] + m["load_average_at_end"])]),
+        ("load average {}–{} at start and end", [min(m["load_average_at_start"] + m["load_average_at_end"]), max(m["load_average_at_start"] + m["load_average_at_end"])]),
         ("QIMAD with 8 agents on the digits CNN runs {}× faster per epoch", [r["qimad_cnn"]["speedup"]]),
         ("each step all-gathers {} MB of agent gradients", [r["qimad_cnn"]["gradient_bytes_per_step"] / 1e6]),
         ("beside {} M MACs of evaluation per rank", [r["qimad_cnn"]["step_macs_per_rank_two_processes"] / 1e6]),
