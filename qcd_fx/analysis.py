@@ -14,6 +14,14 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape that shape propagation recorded for an fx ``Node`` (``tensor_meta``); None for anything
+    else, or a node whose value is not a tensor or was not propagated."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
 def count_params(module: nn.Module) -> int:
     """Number of parameter elements (a parameter shared by several modules counts once)."""
     return sum(p.numel() for p in module.parameters())

@@ -33,7 +33,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .analysis import eval_no_grad, median_latency
+from .analysis import eval_no_grad, median_latency, node_shape
+from .io import atomic_path
 
 _aten = torch.ops.aten
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -49,9 +50,8 @@ def _machine_key() -> str:
 
 
 def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(int(s) for s in shape) if shape is not None else None
+    shape = node_shape(node)
+    return tuple(int(s) for s in shape) if shape is not None else None  # a table key: concrete sizes
 
 
 def _ints(v, n: int) -> tuple[int, ...]:
@@ -153,10 +153,8 @@ class LatencyTable:
         """Write the table atomically (a failure to write only costs a re-measurement later)."""
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": self.threads, "entries": self.entries}, f)
-            os.replace(tmp, self.path)
         except OSError:
             pass
 

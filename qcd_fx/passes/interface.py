@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ..analysis import node_shape
 from ..errors import PreconditionError
 from ..nn import InterfaceGate
 from .base import Pass, PassOutcome, option, register
@@ -172,14 +173,14 @@ class QCI(Pass):
                         hidden.setdefault(type(m).__name__, []).append((str(node.target), inner))
                 return None
             width, channel_dim, spatial = site
-            shape = _shape(node)
+            shape = node_shape(node)
             if channel_dim == 1 and shape is not None and len(shape) == spatial + 1:
                 notes.append(f"skipped '{node.name}': unbatched convolution input (no batch axis)")
                 return None
             return width, channel_dim, spatial, m.weight
         if node.op == "call_function" and (spatial := functional_site(node.target)) is not None:
             channel_dim = 1 if spatial else -1
-            shape = _shape(node)
+            shape = node_shape(node)
             if shape is None:
                 notes.append(
                     f"skipped functional call '{node.name}' ({getattr(node.target, '__name__', node.target)}): output width unknown without example inputs"
@@ -214,9 +215,3 @@ def _available_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
-
-
-def _shape(node: Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None

@@ -61,7 +61,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .. import distributed, measures
-from ..analysis import count_macs, eval_no_grad
+from ..analysis import count_macs, eval_no_grad, node_shape
 from ..errors import PreconditionError
 from .base import Pass, PassOutcome, option, register
 from .dependency import FROZEN, Dependencies, analyze
@@ -692,7 +692,7 @@ def _remove_branches(gm: GraphModule, calib: list, cap_ratio: float | None) -> l
             continue
         for skip, branch in ((a, b), (b, a)):
             if _is_ancestor(skip, branch):
-                if _shape(skip) is not None and _shape(skip) == _shape(node):
+                if node_shape(skip) is not None and node_shape(skip) == node_shape(node):
                     pairs.append((node, skip, branch))
                 break
     if not pairs:
@@ -721,11 +721,6 @@ def _remove_branches(gm: GraphModule, calib: list, cap_ratio: float | None) -> l
         gm.delete_all_unused_submodules()
         gm.recompile()
     return removed
-
-
-def _shape(node: Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
 def _is_ancestor(a: Node, b: Node, limit: int = 10_000) -> bool:

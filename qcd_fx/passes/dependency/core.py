@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
+from ...analysis import node_shape
+
 FROZEN = 0
 
 
@@ -207,11 +209,7 @@ class _Analyzer:
 
     @staticmethod
     def shape(node_or_value: Any) -> tuple[int, ...] | None:
-        if not isinstance(node_or_value, Node):
-            return None
-        meta = node_or_value.meta.get("tensor_meta")
-        shape = getattr(meta, "shape", None)
-        return tuple(shape) if shape is not None else None
+        return node_shape(node_or_value)
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
