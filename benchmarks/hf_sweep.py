@@ -117,15 +117,13 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
-from prune import _rss_bytes  # sibling scripts (benchmarks/ is on sys.path when a script runs)
-from timm_sweep import MAX_NOTES, Recorder, _median, _top, git_commit, leaves, macs_of, one_line, same_shapes
+from timm_sweep import MAX_NOTES, Recorder, _median, _top, git_commit, leaves, macs_of, one_line, same_shapes, spawn_child
 from timm_sweep import versions as _versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -693,52 +691,8 @@ def child_tp(model_type: str, rec: Recorder) -> None:
 
 def run_child(model_type: str, tool: str, cap_s: float, mem_gb: float) -> dict:
     """One child process (this script with ``--one``); its row, with what stopped it if it was stopped."""
-    fd, path = tempfile.mkstemp(prefix=f"hf_sweep.{tool}.", suffix=".json")
-    os.close(fd)
-    os.unlink(path)
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", model_type, "--tool", tool, "--one-out", path]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.monotonic()
-    stopped = None
-    with tempfile.TemporaryFile(mode="w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        try:
-            while child.poll() is None:
-                if STOP.is_set():
-                    stopped = "stopped: the sweep was interrupted"
-                elif _rss_bytes(child.pid) > mem_gb * 2**30:
-                    stopped = f"stopped: used more than {mem_gb:g} GiB of memory"
-                elif time.monotonic() - t0 > cap_s:
-                    stopped = f"stopped: did not finish within {cap_s:g} s"
-                if stopped:
-                    break
-                time.sleep(0.1)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        err.seek(0)
-        lines = [ln for ln in err.read().splitlines() if ln.strip()]
-    row: dict = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            row = json.load(f)
-        os.unlink(path)
-    if os.path.exists(path + ".tmp"):
-        os.unlink(path + ".tmp")
-    row["child_s"] = time.monotonic() - t0
-    stage = row.pop("stage", "start")
-    if stopped or child.returncode != 0 or stage is not None:
-        if not stopped:
-            stopped = f"child exited with code {child.returncode}" + (f": {lines[-1].strip()[:200]}" if lines else "")
-        row["stopped"] = {"stage": stage, "reason": stopped}
-        if tool == "qcd" and stage in STEPS:
-            row[stage] = {"ok": False, "error": stopped}
-        elif tool == "tp":
-            row.update(ok=False, error=row.get("error") or f"{stage}: {stopped}")
-        if stage in ("start", "build", "measure"):
-            row["error"] = f"{stage}: {stopped}"
-    return row
+    env = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    return spawn_child(__file__, model_type, tool, [], cap_s, mem_gb, steps=STEPS, env=env, stop=STOP)
 
 
 def one_main(args) -> None:

@@ -71,6 +71,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -430,20 +431,32 @@ def child_tp(name: str, config: dict | None, rec: Recorder) -> None:
 
 def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: float) -> dict:
     """One child process (this script with ``--one``); its row, with what stopped it if it was stopped."""
-    fd, path = tempfile.mkstemp(prefix=f"timm_sweep.{tool}.", suffix=".json")
+    extra = ["--build", json.dumps(config)] if config is not None else []
+    return spawn_child(__file__, name, tool, extra, cap_s, mem_gb, steps=("trace", "qci", "prune", "onnx"))
+
+
+def spawn_child(
+    script: str, key: str, tool: str, extra: list[str], cap_s: float, mem_gb: float, *, steps: tuple[str, ...],
+    env: dict[str, str] | None = None, stop: threading.Event | None = None,
+) -> dict:  # fmt: skip
+    """``script --one key --tool tool [extra]`` in a child process (shared by the sweeps): stopped
+    past ``cap_s`` seconds, ``mem_gb`` GiB of resident memory or when ``stop`` is set. Returns the
+    row the child wrote; a child that did not finish gets ``stopped`` (the stage it reached, why)
+    and, for a qcd-fx step in ``steps`` or a Torch-Pruning run, a failed result for that stage."""
+    fd, path = tempfile.mkstemp(prefix=f"{os.path.splitext(os.path.basename(script))[0]}.{tool}.", suffix=".json")
     os.close(fd)
     os.unlink(path)
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--tool", tool, "--one-out", path]
-    if config is not None:
-        cmd += ["--build", json.dumps(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.abspath(script), "--one", key, "--tool", tool, "--one-out", path, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
     t0 = time.monotonic()
     stopped = None
     with tempfile.TemporaryFile(mode="w+") as err:
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
             while child.poll() is None:
-                if _rss_bytes(child.pid) > mem_gb * 2**30:
+                if stop is not None and stop.is_set():
+                    stopped = "stopped: the sweep was interrupted"
+                elif _rss_bytes(child.pid) > mem_gb * 2**30:
                     stopped = f"stopped: used more than {mem_gb:g} GiB of memory"
                 elif time.monotonic() - t0 > cap_s:
                     stopped = f"stopped: did not finish within {cap_s:g} s"
@@ -469,7 +482,7 @@ def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: f
         if not stopped:
             stopped = f"child exited with code {child.returncode}" + (f": {lines[-1].strip()[:200]}" if lines else "")
         row["stopped"] = {"stage": stage, "reason": stopped}
-        if stage in ("trace", "qci", "prune", "onnx") and tool == "qcd":
+        if tool == "qcd" and stage in steps:
             row[stage] = {"ok": False, "error": stopped}
         elif tool == "tp":
             row.update(ok=False, error=row.get("error") or f"{stage}: {stopped}")
