@@ -11,6 +11,7 @@ parameters, gradients and optimizer state).
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -86,10 +87,16 @@ def _weight_bytes(model: nn.Module) -> int:
 
 
 def _train_probes(
-    models: list[nn.Module], batch: tuple[torch.Tensor, torch.Tensor], optimizer: str, lr: float | None, repeats: int = 7
-) -> list[tuple[float, int, int]]:
+    models: list[nn.Module], batch: tuple[torch.Tensor, torch.Tensor], optimizer: str, lr: float | None,
+    min_rounds: int = 7, max_rounds: int = 40, budget_s: float = 1.0, block_s: float = 0.025,
+) -> list[tuple[float, int, int]]:  # fmt: skip
     """Per model: (median ms of a training step, training memory bytes, activation bytes), on
-    copies, with the models' steps interleaved (the machine's noise hits both alike)."""
+    copies. After one step that counts what autograd saves and one warm-up step per model, the
+    models take turns running blocks of consecutive steps — as a training loop runs them, so a
+    small model is not timed with its caches just flushed by the other — each block at least
+    ``block_s`` long (up to 20 steps), until every model has ``budget_s`` seconds of timed steps
+    (``min_rounds`` to ``max_rounds`` turns). A step's time is its block's mean; the median over
+    blocks is reported (the machine's noise hits both models alike)."""
     x, y = batch
     nets = [copy.deepcopy(m).train() for m in models]
     opts = [make_optimizer(optimizer, n.parameters(), lr=lr) if optimizer != "qimad" else torch.optim.Adam(n.parameters()) for n in nets]
@@ -107,19 +114,31 @@ def _train_probes(
 
         return pack
 
-    for i in range(repeats + 1):
-        for k, (net, opt) in enumerate(zip(nets, opts)):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            if i == 0:  # the first step counts what autograd saves for backward
-                with torch.autograd.graph.saved_tensors_hooks(packer(saved[k]), lambda t: t):
-                    loss = torch.nn.functional.cross_entropy(_logits(net(x)), y)
-            else:
+    def step(k: int, count: bool = False) -> None:
+        net, opt = nets[k], opts[k]
+        opt.zero_grad()
+        if count:
+            with torch.autograd.graph.saved_tensors_hooks(packer(saved[k]), lambda t: t):
                 loss = torch.nn.functional.cross_entropy(_logits(net(x)), y)
-            loss.backward()
-            opt.step()
-            if i:
-                times[k].append(time.perf_counter() - t0)
+        else:
+            loss = torch.nn.functional.cross_entropy(_logits(net(x)), y)
+        loss.backward()
+        opt.step()
+
+    blocks = []
+    for k in range(len(nets)):
+        step(k, count=True)
+        t0 = time.perf_counter()
+        step(k)  # warm-up; its time sizes the blocks
+        blocks.append(max(1, min(20, math.ceil(block_s / max(time.perf_counter() - t0, 1e-6)))))
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and min(sum(ts) * b for ts, b in zip(times, blocks)) < budget_s):
+        for k in range(len(nets)):
+            t0 = time.perf_counter()
+            for _ in range(blocks[k]):
+                step(k)
+            times[k].append((time.perf_counter() - t0) / blocks[k])
+        rounds += 1
     out = []
     for net, opt, store, ts in zip(nets, opts, saved, times):
         params = sum(p.numel() * p.element_size() for p in net.parameters())
