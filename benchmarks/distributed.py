@@ -97,9 +97,7 @@ else:
 if distributed.is_main():
     with open(out, "w") as f:
         json.dump(result, f)
-if distributed.active():
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+distributed.finish()
 """
 
 

@@ -64,6 +64,17 @@ def init_from_env(backend: str = "gloo") -> bool:
     return True
 
 
+def finish() -> None:
+    """Leave the process group together, at the end of a worker's run: a barrier — so no rank
+    exits (closing its sockets) while another still writes its outputs or is in a collective,
+    which gloo reports as a reset connection or an abort — then ``destroy_process_group``, the
+    shutdown PyTorch documents. Nothing off a group."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 class ShardedBatches:
     """Batches of indices into ``n`` samples: every epoch a new permutation from one generator
     seeded ``seed`` (as ``RandomSampler`` draws it), cut into global batches of ``batch_size``,
@@ -166,6 +177,6 @@ def whole_batches(loader: Any) -> Any:
 
 
 __all__ = [
-    "ShardedBatches", "active", "all_gather_rows", "all_reduce_sum", "broadcast_", "broadcast_int", "init_from_env", "is_main", "is_sharded",
+    "ShardedBatches", "active", "all_gather_rows", "all_reduce_sum", "broadcast_", "broadcast_int", "finish", "init_from_env", "is_main", "is_sharded",
     "my_block", "rank", "sharded_tensor_loader", "split_counts", "whole_batches", "world",
 ]  # fmt: skip

@@ -113,8 +113,7 @@ if distributed.active():  # population optimizers that do not split their agents
 torch.save(states, f"{out}-{r}.pt")
 with open(f"{out}-{r}.json", "w") as f:
     json.dump(res, f)
-if distributed.active():
-    torch.distributed.destroy_process_group()
+distributed.finish()
 """
 
 

@@ -190,7 +190,9 @@ def train_command(
         )  # fmt: skip
     except FloatingPointError as e:
         raise TrainingError(f"training diverged: {e}; nothing was written") from None
-    if not distributed.is_main():
+    main = distributed.is_main()
+    distributed.finish()  # every rank waits here until rank 0 has written the outputs
+    if not main:
         return
     acc = history.final_val_accuracy
     split = dataset.val_name
