@@ -58,9 +58,7 @@ for name, (make, spec, shape, n) in CONFIGS.items():
     stats = result.report.passes[0].stats
     results[name] = {"state": result.graph_module.state_dict(), "stats": stats, "code": result.graph_module.code}
 torch.save(results, f"{out}-{world}-rank{rank}.pt")
-if distributed.active():
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+distributed.finish()
 """
 
 
