@@ -124,6 +124,35 @@ def test_float64_reference_measures_both_errors():
     assert next(model.parameters()).dtype == torch.float32  # the caller's module is not converted
 
 
+class _CastNorm(nn.Module):
+    """RMSNorm as transformers writes it: the statistics in an explicit float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.lin(x).to(torch.float32)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_float64_reference_of_an_export_graph_runs_in_float64():
+    """A torch.export graph spells the dtypes it traced (casts, dtype assertions): the float64
+    copy promotes them, so the judgement runs (it failed on the assertions) and in float64
+    throughout (a cast back to float32 would hide PyTorch's own float32 error)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    gm = qcd_fx.trace(_CastNorm().eval(), (x,), capture="export")
+    assert any(n.args[1:] == (torch.float32,) or n.kwargs.get("dtype") is torch.float32 for n in gm.graph.nodes if n.op == "call_function")
+    with torch.no_grad():
+        f32 = gm(x)
+        h = torch.nn.functional.linear(x.double(), gm.lin.weight.double(), gm.lin.bias.double())
+        exact = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)  # the module's own forward would cast to float32
+    torch_err, onnx_err = Float64Reference(gm).errors((x,), [f32.numpy()], [f32])
+    assert torch_err == onnx_err == float((f32.double() - exact).abs().max()) > 0
+    assert all(p.dtype == torch.float32 for p in gm.parameters())  # the caller's graph is not converted
+
+
 def test_float64_judgement_in_the_report(tmp_path):
     """With zero tolerance every float32 rounding difference fails the plain check; each input
     set is then judged against float64, and the report carries both errors."""

@@ -85,6 +85,29 @@ def weights_as_inputs(proto, limit: int = 1024, names: Collection[str] = ()):
     return proto
 
 
+def _as_float64(module):
+    """``module`` (a copy) in float64: its floating parameters and buffers, and in a graph every
+    ``torch.float32`` argument (a ``torch.export`` graph spells the dtypes it traced: casts,
+    factory calls, ``aten._assert_tensor_metadata``), so that the whole computation runs in
+    float64 rather than failing or dropping back to float32 midway."""
+    module = module.double()
+    graphs = [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]
+    for gm in graphs:
+        changed = False
+        for node in gm.graph.nodes:
+            args = torch.fx.node.map_aggregate(node.args, _promote)
+            kwargs = torch.fx.node.map_aggregate(node.kwargs, _promote)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs, changed = args, kwargs, True
+        if changed:
+            gm.recompile()
+    return module
+
+
+def _promote(a):
+    return torch.float64 if a is torch.float32 else a
+
+
 FLOAT64_FACTOR = 2.0  # onnxruntime may be this many times PyTorch's own float32 error (vs float64)
 
 
@@ -107,7 +130,7 @@ class Float64Reference:
             return None
         try:
             if self.copy is None:
-                self.copy = copy.deepcopy(self.module).double()
+                self.copy = _as_float64(copy.deepcopy(self.module))
             with torch.no_grad():
                 exact = tensor_leaves(self.copy(*(t.double() if t.is_floating_point() else t for t in inputs)))
         except Exception:  # an op without float64 kernels, a dtype check in the model: no judgement
