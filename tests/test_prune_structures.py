@@ -179,3 +179,30 @@ def test_a_pruned_graph_that_fails_is_undone_group_by_group():
     assert gm.a.weight.shape == before["a.weight"].shape  # the group through the view is untouched
     assert gm.c.weight.shape[0] == 16  # the other group is pruned
     assert 0 < len(kept_removed) < len(removed)
+
+
+def test_a_failing_group_is_found_by_bisection_when_the_failing_node_names_no_channel():
+    """When the failing node's channels are not tracked either (here: the analysis locates no
+    channel anywhere), the pass bisects the pruned groups for one that fails on its own, leaves
+    it alone and prunes the rest — rather than pruning nothing."""
+    import numpy as np
+
+    from qcd_fx.passes.dependency import analyze
+    from qcd_fx.passes.prune import _apply_checked, _select
+    from qcd_fx.passes.runtime import Runner
+
+    torch.manual_seed(0)
+    gm = qcd_fx.trace(_Heads().eval())
+    x = torch.randn(3, 8)
+    Runner(gm).run(x)
+    deps = analyze(gm)
+    view = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view")
+    deps.arg_rewrites = [rw for rw in deps.arg_rewrites if rw.node != view.name]
+    deps.units_at = lambda node: np.zeros(0, np.int64)  # the failing node names no channel
+    removed = _select(deps, np.random.default_rng(0).random(deps.num_atoms), 1, ratio=0.5)
+    notes: list[str] = []
+    widths, kept_removed = _apply_checked(gm, deps, removed, (x,), notes)
+    assert notes == [f"1 group(s) left alone: pruned, the graph fails at node '{view.name}' (RuntimeError: " + notes[0].split("(RuntimeError: ", 1)[1]]
+    assert gm(x).shape == (3, 4)
+    assert gm.a.weight.shape == (16, 8) and gm.c.weight.shape[0] == 16
+    assert 0 < len(kept_removed) < len(removed)

@@ -596,14 +596,42 @@ def _apply_checked(
         units = deps.units_at(nodes[node_name]) if node_name in nodes else np.zeros(0, np.int64)
         groups = [g for g in deps.groups if np.isin(g.units, units).any() and np.isin(g.units, removed).any()]
         where = f"at node '{node_name}' " if node_name else ""
-        if not groups:
-            notes.append(f"nothing pruned: the pruned graph fails {where}({message}) and the failing channels could not be located")
-            return {}, removed[:0]
+        if not groups:  # the node's channels are not tracked: find a group that fails on its own
+            culprit = _failing_group(gm, deps, removed, inputs, shapes)
+            if culprit is None:
+                notes.append(f"nothing pruned: the pruned graph fails {where}({message}) and the failing channels could not be located")
+                return {}, removed[:0]
+            groups = [culprit]
         drop = np.concatenate([g.units for g in groups])
         removed = removed[~np.isin(removed, drop)]
         notes.append(f"{len(groups)} group(s) left alone: pruned, the graph fails {where}({message})")
     notes.append("nothing pruned: the pruned graph kept failing")
     return {}, removed[:0]
+
+
+def _failing_group(gm: GraphModule, deps: Dependencies, removed: np.ndarray, inputs: tuple, shapes: list) -> Any:
+    """A group whose pruning alone makes the graph fail, found by bisecting the pruned groups
+    (a trial prunes one half and runs the graph), or None when only a combination fails."""
+
+    def fails(groups: list) -> bool:
+        units = np.concatenate([g.units for g in groups])
+        undo: list = []
+        apply_pruning(gm, deps, removed[np.isin(removed, units)], undo)
+        try:
+            return _failure(gm, inputs, shapes) is not None
+        finally:
+            _undo(gm, undo)
+
+    candidates = [g for g in deps.groups if np.isin(g.units, removed).any()]
+    while len(candidates) > 1:
+        half = len(candidates) // 2
+        if fails(candidates[:half]):
+            candidates = candidates[:half]
+        elif fails(candidates[half:]):
+            candidates = candidates[half:]
+        else:
+            return None
+    return candidates[0] if candidates and fails(candidates) else None
 
 
 def _undo(gm: GraphModule, undo: list) -> None:
