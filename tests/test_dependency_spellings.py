@@ -84,3 +84,31 @@ def test_aten_norms_take_their_own_argument_order():
     widths = lambda r: sorted(tuple(w) for w in r.report.passes[0].stats["widths"].values())  # noqa: E731
     assert widths(from_fx) == widths(from_export)
     torch.testing.assert_close(from_export.graph_module(x), from_fx.graph_module(x))
+
+
+class TransposedWeights(nn.Module):
+    """Linear layers written as ``x @ W.T`` (transformers' FalconLinear), ``x @ W.mT`` and
+    ``x @ W.t()``: every spelling of a transpose carries the weight's dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(16, 8))
+        self.w2 = nn.Parameter(torch.randn(12, 16))
+        self.w3 = nn.Parameter(torch.randn(4, 12))
+
+    def forward(self, x):
+        return torch.relu(torch.relu(x @ self.w1.T) @ self.w2.mT) @ self.w3.t()
+
+
+def test_transposing_properties_carry_a_parameters_dims():
+    torch.manual_seed(0)
+    model = TransposedWeights().eval()
+    x = torch.randn(2, 8)
+    spec = "cdg-prune{criterion=l1}"
+    for capture in ("fx", "export"):
+        result = qcd_fx.transform(model, spec, example_inputs=x, capture=capture)
+        widths = sorted(tuple(w) for w in result.report.passes[0].stats["widths"].values())
+        assert widths == [(12, 6), (16, 8)], (capture, widths)
+        assert [tuple(p.shape) for p in result.graph_module.parameters()] == [(8, 8), (6, 8), (4, 6)]
+        assert not [n for n in result.report.notes() if "untracked" in n], (capture, result.report.notes())
+        assert result.graph_module(x).shape == (2, 4)

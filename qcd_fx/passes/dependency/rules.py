@@ -763,8 +763,8 @@ def rule_flatten(an: _Analyzer, node: Node) -> Info:
     return _reshape(an, node, node.args[0], None)
 
 
-def _permutation(node: Node, rank: int) -> list[int] | None:
-    name = _op_name(node)
+def _permutation(node: Node, rank: int, name: str | None = None) -> list[int] | None:
+    name = name or _op_name(node)
     args = list(node.args[1:])
     if name == "permute":
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
@@ -779,8 +779,12 @@ def _permutation(node: Node, rank: int) -> list[int] | None:
         a, b = _norm_axis(d0, rank), _norm_axis(d1, rank)
         perm[a], perm[b] = perm[b], perm[a]
         return perm
-    if name == "t":
+    if name in ("t", "numpy_T"):  # `x.t()`, `x.T` (every dim reversed)
         return list(reversed(range(rank)))
+    if name in ("mT", "mH", "matrix_H", "adjoint"):  # `x.mT`, `x.mH`, `x.adjoint()`: the last two dims
+        if rank < 2:
+            return None
+        return [*range(rank - 2), rank - 1, rank - 2]
     if name == "movedim":
         src, dst = args[0], args[1]
         if not isinstance(src, int) or not isinstance(dst, int):
@@ -792,12 +796,12 @@ def _permutation(node: Node, rank: int) -> list[int] | None:
     return None
 
 
-def rule_permute(an: _Analyzer, node: Node) -> Info:
+def rule_permute(an: _Analyzer, node: Node, name: str | None = None) -> Info:
     info = an.of(node.args[0])
     shape = an.shape(node.args[0])
     if info is None or shape is None:
         return None
-    perm = _permutation(node, len(shape))
+    perm = _permutation(node, len(shape), name)
     if perm is None:
         raise _Unsupported("permutation with computed dims")
     if isinstance(info, Chan):
@@ -1428,4 +1432,16 @@ def rule_shifted_window_attention(an: _Analyzer, node: Node) -> Info:
 
 def rule_no_tensor(an: _Analyzer, node: Node) -> Info:
     """Ops that read only metadata (size, dim, shape, _assert)."""
+    return None
+
+
+_TRANSPOSING_ATTRIBUTES = {"T": "numpy_T", "mT": "mT", "mH": "mH", "H": "numpy_T"}
+
+
+def rule_getattr(an: _Analyzer, node: Node) -> Info:
+    """``getattr(x, name)`` as fx records a tensor property: ``x.T`` / ``x.mT`` / ``x.mH`` are
+    permutations; anything else (``x.shape``, ``x.dtype``, …) is metadata."""
+    name = node.args[1] if len(node.args) > 1 else None
+    if name in _TRANSPOSING_ATTRIBUTES and isinstance(an.shape(node), tuple):
+        return rule_permute(an, node, _TRANSPOSING_ATTRIBUTES[name])
     return None
