@@ -112,3 +112,47 @@ def test_transposing_properties_carry_a_parameters_dims():
         assert [tuple(p.shape) for p in result.graph_module.parameters()] == [(8, 8), (6, 8), (4, 6)]
         assert not [n for n in result.report.notes() if "untracked" in n], (capture, result.report.notes())
         assert result.graph_module(x).shape == (2, 4)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardization as BiT and timm's ScaledStdConv2d (NFNets) write it: the weight
+    normalised per output channel over its fan-in by ``F.batch_norm`` on ``(1, out, in*k*k)``,
+    with a per-channel gain as the norm's weight."""
+
+    def __init__(self, cin, cout, k):
+        super().__init__(cin, cout, k, padding=k // 2)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class StdNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = StdConv(3, 16, 3), StdConv(16, 32, 1), StdConv(32, 8, 3)
+
+        self.pad = nn.ConstantPad2d(1, 0.0)  # timm's BiT stem pads with a module
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(self.pad(torch.relu(self.c1(x)))))).mean((2, 3))
+
+
+def test_weight_standardized_convs_prune_in_both_front_ends():
+    torch.manual_seed(0)
+    model = StdNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for capture in ("fx", "export"):
+        result = qcd_fx.transform(model, "cdg-prune{criterion=l1}", example_inputs=x, capture=capture)
+        gm = result.graph_module
+        assert result.report.notes() == ["cdg-prune: 1 group(s) left alone: model output (its width never changes)"], (capture, result.report.notes())
+        shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
+        assert shapes["c1.weight"] == (8, 3, 3, 3) and shapes["c1.gain"] == (8, 1, 1, 1), (capture, shapes)
+        assert shapes["c2.weight"] == (16, 8, 1, 1) and shapes["c3.weight"] == (8, 16, 3, 3), (capture, shapes)
+        assert gm(x).shape == (2, 8) and bool(torch.isfinite(gm(x)).all())
+        # the pruned model is the same network with fewer channels: a fresh StdNet of those widths, given its weights, agrees
+        small = StdNet().eval()
+        small.c1, small.c2, small.c3 = StdConv(3, 8, 3), StdConv(8, 16, 1), StdConv(16, 8, 3)
+        small.load_state_dict(gm.state_dict())
+        torch.testing.assert_close(gm(x), small(x))

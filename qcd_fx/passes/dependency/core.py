@@ -34,7 +34,19 @@ class ParamRef:
     axes: tuple[int | None, ...]
 
 
-Info = Chan | ParamRef | None | tuple
+@dataclass(frozen=True)
+class MergedParam:
+    """A parameter reshaped so that some value axes merge several of its dims (a conv weight as
+    ``(1, out, in*kh*kw)`` for weight standardization): ``axes[i]`` is the tensor dim behind value
+    axis ``i``, a tuple of dims for a merged axis, or None. Only the rules that accept it (a
+    per-channel norm, the reshape back to the parameter's shape) see it; any other use pins the
+    parameter."""
+
+    name: str
+    axes: tuple[int | tuple[int, ...] | None, ...]
+
+
+Info = Chan | ParamRef | MergedParam | None | tuple
 
 
 @dataclass
@@ -189,7 +201,7 @@ class _Analyzer:
     def freeze_info(self, info: Info, reason: str) -> None:
         if isinstance(info, Chan):
             self.freeze(info.atoms, reason)
-        elif isinstance(info, ParamRef):
+        elif isinstance(info, (ParamRef, MergedParam)):
             self.pin(info.name, reason)
         elif isinstance(info, (tuple, list)):
             for i in info:
@@ -242,7 +254,17 @@ class _Analyzer:
                 self.freeze_info(self.info.get(value), "model output (its width never changes)")
             return None
         if node.op in ("call_module", "call_function", "call_method"):
-            return self.rule_for(self.gm, node)(self, node)
+            rule = self.rule_for(self.gm, node)
+            hidden = {} if getattr(rule, "accepts_merged", False) else {a: i for a in node.all_input_nodes if isinstance(i := self.info.get(a), MergedParam)}
+            if not hidden:
+                return rule(self, node)
+            for arg, merged in hidden.items():  # a rule that does not know merged dims sees an untracked value
+                self.pin(merged.name, f"{node.name}: parameter reshaped")
+                self.info[arg] = None
+            try:
+                return rule(self, node)
+            finally:
+                self.info.update(hidden)
         return None
 
     # --- finish ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import Node
 from torch.nn.modules.conv import _ConvNd
 
-from .core import ArgRewrite, Chan, Info, ParamRef, _Analyzer, _op_name, _Unsupported
+from .core import ArgRewrite, Chan, Info, MergedParam, ParamRef, _Analyzer, _op_name, _Unsupported
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -104,9 +104,15 @@ def rule_spatial(an: _Analyzer, node: Node, *_: Any) -> Info:
     return None
 
 
-def rule_pad(an: _Analyzer, node: Node) -> Info:
+def rule_pad_module(an: _Analyzer, node: Node, m: nn.Module) -> Info:
+    """``nn.ConstantPad2d``/``ZeroPad2d``/``ReflectionPad2d``/…: ``F.pad`` with the module's ``padding``."""
+    return rule_pad(an, node, tuple(m.padding))
+
+
+def rule_pad(an: _Analyzer, node: Node, pad: Any = None) -> Info:
     info = an.of(node.args[0])
-    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if pad is None:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     shape = an.shape(node.args[0])
     if isinstance(info, Chan) and shape is not None and isinstance(pad, (tuple, list)):
         rank = len(shape)
@@ -437,6 +443,9 @@ def rule_norm_function(an: _Analyzer, node: Node) -> Info:
         info = an.of(bound["input"])
         if isinstance(info, Chan) and num_groups == len(info.atoms) > 1 and groups_arg is None:
             raise _Unsupported("group_norm with one channel per group and num_groups as a keyword")
+    x = an.of(bound["input"])
+    if isinstance(x, (MergedParam, ParamRef)):
+        return _normalised_param(an, node, x, tensors, kind)
     # the module that holds the parameters keeps its attributes in step (num_features, …)
     path = owners.pop() if len(owners) == 1 else ""
     if path:
@@ -444,6 +453,21 @@ def rule_norm_function(an: _Analyzer, node: Node) -> Info:
         if not hasattr(owner, "num_channels" if kind == "group_norm" else "num_features"):
             path = ""
     return _channel_norm(an, node, path, tensors, num_groups, x=bound["input"], groups_arg=groups_arg)
+
+
+def _normalised_param(an: _Analyzer, node: Node, x: MergedParam | ParamRef, tensors: list[str], kind: str) -> Info:
+    """Weight standardization (BiT, NFNet: ``batch_norm(w.reshape(1, out, -1), …)``): a norm of a
+    parameter per entry of axis 1 over the merged rest. Pruning the dims behind axis 1 drops
+    whole slices with their statistics (and the norm's own weight and bias entries); pruning a
+    merged dim changes what the statistics average over, as pruning changes any layer's inputs."""
+    channel = x.axes[1] if len(x.axes) > 1 else None
+    if kind not in ("batch_norm", "instance_norm") or not isinstance(channel, int):
+        an.pin(x.name, f"{node.name}: normalised parameter")
+        return None
+    atoms = an.param_atoms(x.name, channel)
+    for t in tensors:
+        an.bind(t, 0, atoms)
+    return x
 
 
 def rule_batchnorm(an: _Analyzer, node: Node, m: nn.Module) -> Info:
@@ -642,7 +666,22 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
             for d_out, path in (literal or {}).items():  # `scale.view(64, 1, 1)`: the 64 follows the parameter's width
                 if axes[d_out] is not None and out_shape[d_out] > 1:
                     an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, axes[d_out]), int))
+            full = tuple(an.tensors[an.canon.get(info.name, info.name)].shape)
+            if tuple(out_shape) == full and all(a is None or a == d for d, a in enumerate(axes)):
+                return ParamRef(info.name, tuple(range(len(full))))  # back to its own shape (a 1x1 conv's size-1 dims)
             return ParamRef(info.name, tuple(axes))
+        merged = _merged_axes(in_shape, out_shape, info.axes)
+        if merged is not None and not any(isinstance(merged[d], tuple) for d in (literal or {})):
+            for d_out, path in (literal or {}).items():
+                if isinstance(merged[d_out], int) and out_shape[d_out] > 1:
+                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, merged[d_out]), int))
+            return MergedParam(info.name, merged)
+        an.pin(info.name, f"{node.name}: parameter reshaped")
+        return None
+    if isinstance(info, MergedParam):  # back to the parameter's own shape (`reshape_as(weight)`)
+        dims = [d for a in info.axes if a is not None for d in (a if isinstance(a, tuple) else (a,))]
+        if not literal and dims == list(range(len(out_shape))) and tuple(out_shape) == tuple(an.tensors[an.canon.get(info.name, info.name)].shape):
+            return ParamRef(info.name, tuple(range(len(out_shape))))
         an.pin(info.name, f"{node.name}: parameter reshaped")
         return None
     if not isinstance(info, Chan):
@@ -682,6 +721,27 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
                 atoms = counted[axis]
                 an.arg_rewrites.append(ArgRewrite(node.name, path, atoms, int))
     return chan
+
+
+def _merged_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple | None:
+    """The axes of a parameter reshaped so that each value axis is one dim or a run of adjacent
+    dims merged (row-major), or None when the reshape also splits a dim."""
+    dims = [(d, s) for d, s in enumerate(in_shape) if s != 1]
+    out: list[int | tuple[int, ...] | None] = []
+    i = 0
+    for size in out_shape:
+        if size == 1:
+            out.append(None)
+            continue
+        run, prod = [], 1
+        while i < len(dims) and prod < size:
+            run.append(axes[dims[i][0]])
+            prod *= dims[i][1]
+            i += 1
+        if prod != size or any(a is None for a in run):
+            return None
+        out.append(run[0] if len(run) == 1 else tuple(run))
+    return tuple(out) if i == len(dims) else None
 
 
 def _shape_literals(node: Node, start: int) -> dict[int, tuple[int, ...]]:
@@ -1445,3 +1505,7 @@ def rule_getattr(an: _Analyzer, node: Node) -> Info:
     if name in _TRANSPOSING_ATTRIBUTES and isinstance(an.shape(node), tuple):
         return rule_permute(an, node, _TRANSPOSING_ATTRIBUTES[name])
     return None
+
+
+for _rule in (rule_view_method, rule_reshape_function, rule_reshape_as, rule_norm_function):
+    _rule.accepts_merged = True  # these rules read MergedParam values (weight standardization); see _Analyzer.visit

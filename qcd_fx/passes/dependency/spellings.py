@@ -47,6 +47,7 @@ from .rules import (
     rule_norm,
     rule_norm_function,
     rule_pad,
+    rule_pad_module,
     rule_passthrough,
     rule_patch_merging_pad,
     rule_permute,
@@ -89,6 +90,9 @@ for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, 
 for _cls in (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
              nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample):  # fmt: skip
     MODULE_RULES[_cls] = rule_spatial
+for _cls in (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
+             nn.modules.padding._CircularPadNd):  # fmt: skip
+    MODULE_RULES[_cls] = rule_pad_module
 MODULE_RULES[_ConvNd] = rule_conv_module
 MODULE_RULES[nn.Linear] = rule_linear_module
 MODULE_RULES[nn.modules.batchnorm._BatchNorm] = rule_batchnorm
@@ -231,6 +235,7 @@ def _aten_table() -> dict[Any, Callable]:
         rule_unbind: ["unbind"],
         rule_unsqueeze: ["unsqueeze"],
         rule_squeeze: ["squeeze"],
+        rule_reshape_as: ["reshape_as", "view_as"],
         rule_select: ["select"],
         rule_addmm: ["addmm"],
         rule_index: ["index"],
