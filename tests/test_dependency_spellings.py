@@ -156,3 +156,34 @@ def test_weight_standardized_convs_prune_in_both_front_ends():
         small.c1, small.c2, small.c3 = StdConv(3, 8, 3), StdConv(8, 16, 1), StdConv(16, 8, 3)
         small.load_state_dict(gm.state_dict())
         torch.testing.assert_close(gm(x), small(x))
+
+
+class PrefixRopeAttention(nn.Module):
+    """DINOv3's attention: a rotary embedding on the patch tokens only, the prefix token split
+    off with ``torch.split(x, [1, n], dim=-2)`` (``aten.split_with_sizes``) and put back."""
+
+    def __init__(self, dim=32, heads=4, tokens=9):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.register_buffer("cos", torch.rand(tokens - 1, dim // heads))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, c // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        (q0, qp), (k0, kp) = torch.split(q, [1, n - 1], dim=-2), torch.split(k, [1, n - 1], dim=-2)
+        q, k = torch.cat([q0, qp * self.cos], dim=-2), torch.cat([k0, kp * self.cos], dim=-2)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return x + self.o(y)
+
+
+def test_attention_heads_prune_through_a_token_split():
+    torch.manual_seed(0)
+    model = PrefixRopeAttention().eval()
+    x = torch.randn(2, 9, 32)
+    result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture="export")
+    assert any("split_with_sizes" in str(n.target) for n in result.graph_module.graph.nodes)
+    assert not [n for n in result.report.notes() if "attention" in n], result.report.notes()  # only the residual stream is left alone
+    gm = result.graph_module
+    assert gm.q.weight.shape == gm.k.weight.shape == gm.v.weight.shape == (16, 32) and gm.o.weight.shape == (32, 16)
+    assert gm(x).shape == (2, 9, 32)

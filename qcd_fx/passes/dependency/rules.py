@@ -618,7 +618,7 @@ _ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "ba
                             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"})  # fmt: skip
 _LAYOUT_OPS = frozenset(
     """permute transpose contiguous clone to type_as float half mul add sub neg truediv div cat slice
-    getitem unbind unsqueeze expand expand_as reshape view _unsafe_view split chunk select squeeze repeat repeat_interleave
+    getitem unbind unsqueeze expand expand_as reshape view _unsafe_view split split_with_sizes chunk narrow select squeeze repeat repeat_interleave
     dropout alias detach""".split()
 )
 
