@@ -187,3 +187,37 @@ def test_attention_heads_prune_through_a_token_split():
     gm = result.graph_module
     assert gm.q.weight.shape == gm.k.weight.shape == gm.v.weight.shape == (16, 32) and gm.o.weight.shape == (32, 16)
     assert gm(x).shape == (2, 9, 32)
+
+
+class Statistics(nn.Module):
+    """Norms written with statistics ops (timm's RmsNorm2d uses ``var``; LayerNorm2d variants
+    ``var_mean``), ``F.rms_norm`` and ``nn.RMSNorm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.w = nn.Parameter(torch.rand(16) + 0.5)
+        self.rms = nn.RMSNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y = y * torch.rsqrt(y.var(dim=(2, 3), keepdim=True) + 1e-5) + y.std(dim=(2, 3), keepdim=True)
+        y = self.c2(torch.relu(y))
+        var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False, keepdim=True)
+        y = self.c3((y - mean) / (var + 1e-5).sqrt())
+        z = F.rms_norm(y.mean((2, 3)), (16,), self.w, 1e-6)
+        return self.head(self.rms(z))
+
+
+def test_statistics_and_rms_norms_have_rules():
+    torch.manual_seed(0)
+    model = Statistics().eval()
+    x = torch.randn(2, 3, 6, 6)
+    for capture in ("fx", "export"):
+        result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture=capture)
+        assert result.report.notes() == ["cdg-prune: 1 group(s) left alone: model output (its width never changes)"], (capture, result.report.notes())
+        gm = result.graph_module
+        assert gm.c1.weight.shape[0] == 8 and gm.c2.weight.shape[0] == 8 and gm.c3.weight.shape[0] == 8, capture
+        assert gm.rms.weight.shape == gm.w.shape == (8,) and gm.head.weight.shape == (4, 8), capture
+        assert gm(x).shape == (2, 4)

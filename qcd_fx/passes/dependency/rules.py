@@ -525,6 +525,19 @@ def rule_layernorm_function(an: _Analyzer, node: Node) -> Info:
     return _layer_norm(an, node, args[0], len(shape), w.name if w else None, b.name if b else None, "", (1,) if len(args) > 1 else None)
 
 
+def rule_rmsnorm_function(an: _Analyzer, node: Node) -> Info:
+    """``F.rms_norm(x, normalized_shape, weight, eps)`` / ``aten.rms_norm``: a layer norm without bias."""
+    args = list(node.args)
+    shape = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
+    w_arg = args[2] if len(args) > 2 else node.kwargs.get("weight")
+    w = an.of(w_arg)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) for s in shape):
+        raise _Unsupported("rms_norm with a computed normalized_shape")
+    if w_arg is not None and not isinstance(w, ParamRef):
+        raise _Unsupported("rms_norm with a computed weight")
+    return _layer_norm(an, node, args[0], len(shape), w.name if w else None, None, "", (1,) if len(args) > 1 else None)
+
+
 def rule_mha(an: _Analyzer, node: Node, m: nn.MultiheadAttention) -> Info:
     p = node.target
     args = list(node.args)
@@ -1187,14 +1200,20 @@ def rule_slice(an: _Analyzer, node: Node) -> Info:
     return None
 
 
-def _reduction(an: _Analyzer, node: Node, dims_at: int) -> Info:
-    """A reduction whose ``dim`` is positional argument ``dims_at`` (``keepdim`` the next one)."""
+def _reduction(an: _Analyzer, node: Node, dims_at: int, keepdim_at: int | None = None) -> Info:
+    """A reduction whose ``dim`` is positional argument ``dims_at`` (``keepdim`` the next one, or
+    ``keepdim_at``)."""
+    keepdim_at = dims_at + 1 if keepdim_at is None else keepdim_at
+    dims = node.args[dims_at] if len(node.args) > dims_at else node.kwargs.get("dim")
+    keepdim = node.args[keepdim_at] if len(node.args) > keepdim_at else node.kwargs.get("keepdim", False)
+    return _reduce(an, node, dims, keepdim, an.shape(node))
+
+
+def _reduce(an: _Analyzer, node: Node, dims: Any, keepdim: Any, out_shape: tuple[int, ...] | None) -> Info:
     info = an.of(node.args[0])
-    in_shape, out_shape = an.shape(node.args[0]), an.shape(node)
+    in_shape = an.shape(node.args[0])
     if not isinstance(info, (Chan, ParamRef)) or in_shape is None:
         return None
-    dims = node.args[dims_at] if len(node.args) > dims_at else node.kwargs.get("dim")
-    keepdim = node.args[dims_at + 1] if len(node.args) > dims_at + 1 else node.kwargs.get("keepdim", False)
     if isinstance(info, ParamRef):
         an.pin(info.name, f"{node.name}: parameter reduced")
         return None
@@ -1221,6 +1240,21 @@ def rule_norm(an: _Analyzer, node: Node) -> Info:
     """``x.norm(p, dim, keepdim)``, ``torch.norm`` and ``torch.linalg.vector_norm(x, ord, dim,
     keepdim)`` (ConvNeXt-V2's GRN): a reduction whose dims come after the order argument."""
     return _reduction(an, node, 2)
+
+
+def rule_var(an: _Analyzer, node: Node) -> Info:
+    """``var``/``std`` (``torch.var(x, dim, unbiased, keepdim)`` or ``correction=``/``keepdim=``
+    keywords; ``aten.var.correction``): a reduction, ``keepdim`` fourth when positional.
+    ``var_mean``/``std_mean`` return both statistics, each with the reduction's channels."""
+    keepdim_at = 3 if len(node.args) > 3 else 99
+    if _op_name(node) in ("var_mean", "std_mean"):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[keepdim_at] if len(node.args) > keepdim_at else node.kwargs.get("keepdim", False)
+        shapes = node.meta.get("tensor_meta")
+        shape = tuple(shapes[0].shape) if isinstance(shapes, (tuple, list)) and shapes and hasattr(shapes[0], "shape") else None
+        info = _reduce(an, node, dims, keepdim, shape)
+        return (info, info)
+    return _reduction(an, node, 1, keepdim_at)
 
 
 def rule_logsumexp(an: _Analyzer, node: Node) -> Info:

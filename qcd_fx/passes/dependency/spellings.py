@@ -56,6 +56,7 @@ from .rules import (
     rule_repeat,
     rule_reshape_as,
     rule_reshape_function,
+    rule_rmsnorm_function,
     rule_sdpa,
     rule_select,
     rule_shifted_window_attention,
@@ -68,6 +69,7 @@ from .rules import (
     rule_topk,
     rule_unbind,
     rule_unsqueeze,
+    rule_var,
     rule_view_method,
 )
 
@@ -76,7 +78,7 @@ ELEMENTWISE_NAMES = frozenset(
     add_ sub_ mul_ div_ true_divide rsub relu relu_ relu6 gelu silu silu_ hardswish hardswish_ hardsigmoid
     hardsigmoid_ sigmoid sigmoid_ tanh tanh_ mish elu elu_ selu celu leaky_relu leaky_relu_ softplus
     hardtanh hardtanh_ exp log sqrt rsqrt clamp clamp_ clip where dropout dropout_ alpha_dropout
-    feature_alpha_dropout dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
+    feature_alpha_dropout alias dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
     to type_as contiguous clone detach masked_fill logit addcmul addcdiv lerp maximum minimum fmod remainder
     sign floor ceil round trunc frac expm1 log1p log2 log10 sinh cosh nan_to_num exp_ sqrt_ neg_ mul__ copysign
     hardshrink softshrink tanhshrink softsign threshold glu_ relu6_ gelu_""".split()
@@ -99,6 +101,8 @@ MODULE_RULES[nn.modules.batchnorm._BatchNorm] = rule_batchnorm
 MODULE_RULES[nn.modules.instancenorm._InstanceNorm] = rule_batchnorm
 MODULE_RULES[nn.GroupNorm] = rule_groupnorm
 MODULE_RULES[nn.LayerNorm] = rule_layernorm_module
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    MODULE_RULES[nn.RMSNorm] = rule_layernorm_module
 MODULE_RULES[nn.MultiheadAttention] = rule_mha
 MODULE_RULES[nn.Embedding] = rule_embedding
 MODULE_RULES[nn.PReLU] = rule_prelu
@@ -146,6 +150,10 @@ FUNCTION_RULES: dict[Any, Callable] = {
     torch.mean: rule_reduce,
     torch.sum: rule_reduce,
     torch.amax: rule_reduce,
+    torch.var: rule_var,
+    torch.std: rule_var,
+    torch.var_mean: rule_var,
+    torch.std_mean: rule_var,
     torch.softmax: rule_softmax,
     torch.log_softmax: rule_softmax,
     F.softmax: rule_softmax,
@@ -162,6 +170,7 @@ FUNCTION_RULES: dict[Any, Callable] = {
     F.conv_transpose2d: rule_conv_function,
     F.conv_transpose3d: rule_conv_function,
     F.layer_norm: rule_layernorm_function,
+    F.rms_norm: rule_rmsnorm_function,
     F.batch_norm: rule_norm_function,
     F.instance_norm: rule_norm_function,
     F.group_norm: rule_norm_function,
@@ -202,6 +211,8 @@ METHOD_RULES: dict[str, Callable] = {
     "mean": rule_reduce,
     "sum": rule_reduce,
     "amax": rule_reduce,
+    "var": rule_var,
+    "std": rule_var,
     "size": rule_no_tensor,
     "dim": rule_no_tensor,
     "softmax": rule_softmax,
@@ -249,6 +260,8 @@ def _aten_table() -> dict[Any, Callable]:
         rule_linear_function: ["linear"],
         rule_conv_function: ["conv1d", "conv2d", "conv3d"],
         rule_layernorm_function: ["layer_norm"],
+        rule_rmsnorm_function: ["rms_norm"],
+        rule_var: ["var", "std", "var_mean", "std_mean"],
         rule_norm_function: ["group_norm", "instance_norm", "batch_norm"],
         rule_sdpa: ["scaled_dot_product_attention"],
         rule_spatial: [
