@@ -221,3 +221,35 @@ def test_statistics_and_rms_norms_have_rules():
         assert gm.c1.weight.shape[0] == 8 and gm.c2.weight.shape[0] == 8 and gm.c3.weight.shape[0] == 8, capture
         assert gm.rms.weight.shape == gm.w.shape == (8,) and gm.head.weight.shape == (4, 8), capture
         assert gm(x).shape == (2, 4)
+
+
+class ShapeReadAttention(nn.Module):
+    """timm's attention: sizes read from ``x.shape`` at run time (``C // heads`` for the head
+    size, ``C`` to merge the heads back) while the residual stream and the heads prune apart."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.qkv, self.proj, self.head = nn.Linear(8, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head(x + self.proj(y)).mean(1)
+
+
+def test_sizes_read_from_the_channel_axis_become_minus_one():
+    torch.manual_seed(0)
+    model = ShapeReadAttention().eval()
+    x = torch.randn(2, 5, 8)
+    result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture="fx")
+    assert result.report.notes() == ["cdg-prune: 1 group(s) left alone: model output (its width never changes)"], result.report.notes()
+    gm = result.graph_module
+    assert gm.inp.weight.shape == (16, 8) and gm.qkv.weight.shape == (48, 16) and gm.proj.weight.shape == (16, 16)
+    reshapes = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    assert [n.args[-1] for n in reshapes] == [-1, -1]  # the sizes computed from C follow the pruned values
+    assert gm(x).shape == (2, 3)
+    with torch.no_grad():
+        assert torch.equal(qcd_fx.trace(gm)(x), gm(x))

@@ -799,14 +799,20 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> bool:
     return len(common) == min(len(sa), len(sb)) > 0
 
 
-def _computed_sizes(an: _Analyzer, node: Node, sizes: Any) -> None:
-    """A view/reshape whose shape holds sizes computed at run time: where one counts channels
-    (``C = x.shape[2]``; ``qkv.reshape(B, N, 3, heads, C // heads)``), pruning would change it
-    out of step with the reshaped value, so the channels it counts and the reshaped value's
-    channels are left alone. Batch and token counts (axes without channels) are fine."""
-    computed = [a for a in (sizes if isinstance(sizes, (tuple, list)) else [sizes]) if isinstance(a, Node)]
+def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int = 0) -> None:
+    """A view/reshape whose shape holds sizes computed at run time. Batch and token counts (axes
+    without channels) are fine. One that counts channels (``C = x.shape[2]``;
+    ``qkv.reshape(B, N, 3, heads, C // heads)``, ``y.reshape(B, N, C)``) would fall out of step
+    with the reshaped value once either is pruned: when it is the only such size and the shape
+    has no ``-1``, the pruned graph reshapes with ``-1`` there (the size follows the value);
+    otherwise the channels it counts and the reshaped value's channels are left alone.
+    ``path``: where ``sizes`` sit in the node's args (size ``i`` at ``(*path, start + i)``; None: a keyword)."""
+    listed = sizes if isinstance(sizes, (tuple, list)) else [sizes]
     reshaped = an.of(node.args[0])
-    for value in computed:
+    counting: list[tuple[int, Node, Info]] = []
+    for i, value in enumerate(listed):
+        if not isinstance(value, Node):
+            continue
         for src, axis in _size_reads(an, value):
             info = an.info.get(src)
             if isinstance(info, Chan) and isinstance(reshaped, Chan) and _same_channels(info.atoms, reshaped.atoms):
@@ -815,19 +821,30 @@ def _computed_sizes(an: _Analyzer, node: Node, sizes: Any) -> None:
                 isinstance(info, Chan) and (axis is None or _norm_axis(axis, len(an.shape(src) or (0,) * (axis + 1))) == info.axis)
             )
             if counts_channels:
-                why = f"{node.name}: a size computed from the channels of '{src.name}'"
-                an.freeze_info(info, why)
-                an.freeze_info(an.of(node.args[0]), why)
+                counting.append((i, src, info))
+    if not counting:
+        return
+    if path is not None and len({i for i, _, _ in counting}) == 1 and -1 not in listed:
+        i = counting[0][0]
+        an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + i), np.zeros(0, np.int64), lambda _n: -1))
+        return
+    for _, src, info in counting:
+        why = f"{node.name}: a size computed from the channels of '{src.name}'"
+        an.freeze_info(info, why)
+        an.freeze_info(reshaped, why)
 
 
 def rule_view_method(an: _Analyzer, node: Node) -> Info:
-    _computed_sizes(an, node, node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))) else node.args[1])
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        _computed_sizes(an, node, node.args[1], (1,))
+    else:
+        _computed_sizes(an, node, node.args[1:], (), start=1)
     return _reshape(an, node, node.args[0], _shape_literals(node, 1))
 
 
 def rule_reshape_function(an: _Analyzer, node: Node) -> Info:
     shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
-    _computed_sizes(an, node, shape_arg)
+    _computed_sizes(an, node, shape_arg, (1,) if len(node.args) > 1 and isinstance(shape_arg, (tuple, list)) else None)
     literal = {i: (1, i) for i, a in enumerate(shape_arg) if isinstance(a, int) and a != -1} if isinstance(shape_arg, (tuple, list)) else {}
     return _reshape(an, node, node.args[0], literal)
 
