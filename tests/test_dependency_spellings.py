@@ -253,3 +253,36 @@ def test_sizes_read_from_the_channel_axis_become_minus_one():
     assert gm(x).shape == (2, 3)
     with torch.no_grad():
         assert torch.equal(qcd_fx.trace(gm)(x), gm(x))
+
+
+class EinsumNet(nn.Module):
+    """A linear layer, attention heads and a relative-position term written as einsums (MViTv2,
+    SAM's ViT): every operand of a label carries its channels."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.w = nn.Parameter(torch.randn(3 * dim, dim) / 4)
+        self.rel = nn.Parameter(torch.randn(5, 5, dim // heads))
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = torch.einsum("bnc,dc->bnd", x, self.w).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.einsum("bhqd,bhkd->bhqk", q, k) + torch.einsum("bhqd,qkd->bhqk", q, self.rel)
+        y = torch.einsum("bhqk,bhkd->bhqd", attn.softmax(-1), v).transpose(1, 2).reshape(b, n, c)
+        return self.head(x + self.proj(y)).mean(1)
+
+
+def test_einsum_carries_channels_along_its_labels():
+    torch.manual_seed(0)
+    model = EinsumNet().eval()
+    x = torch.randn(2, 5, 16)
+    for capture in ("fx", "export"):
+        result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture=capture)
+        assert not [n for n in result.report.notes() if "einsum" in n], (capture, result.report.notes())
+        gm = result.graph_module
+        assert gm.w.shape[0] < 48 and gm.proj.weight.shape[1] == gm.w.shape[0] // 3, (capture, gm.w.shape)
+        assert gm(x).shape == (2, 2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -799,14 +800,15 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> bool:
     return len(common) == min(len(sa), len(sb)) > 0
 
 
-def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int = 0) -> None:
+def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int = 0) -> bool:
     """A view/reshape whose shape holds sizes computed at run time. Batch and token counts (axes
     without channels) are fine. One that counts channels (``C = x.shape[2]``;
     ``qkv.reshape(B, N, 3, heads, C // heads)``, ``y.reshape(B, N, C)``) would fall out of step
     with the reshaped value once either is pruned: when it is the only such size and the shape
     has no ``-1``, the pruned graph reshapes with ``-1`` there (the size follows the value);
     otherwise the channels it counts and the reshaped value's channels are left alone.
-    ``path``: where ``sizes`` sit in the node's args (size ``i`` at ``(*path, start + i)``; None: a keyword)."""
+    ``path``: where ``sizes`` sit in the node's args (size ``i`` at ``(*path, start + i)``; None: a
+    keyword). True when a size became ``-1``."""
     listed = sizes if isinstance(sizes, (tuple, list)) else [sizes]
     reshaped = an.of(node.args[0])
     counting: list[tuple[int, Node, Info]] = []
@@ -823,30 +825,46 @@ def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...]
             if counts_channels:
                 counting.append((i, src, info))
     if not counting:
-        return
+        return False
     if path is not None and len({i for i, _, _ in counting}) == 1 and -1 not in listed:
-        i = counting[0][0]
-        an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + i), np.zeros(0, np.int64), lambda _n: -1))
-        return
+        an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + counting[0][0]), np.zeros(0, np.int64), lambda _n: -1))
+        return True
     for _, src, info in counting:
         why = f"{node.name}: a size computed from the channels of '{src.name}'"
         an.freeze_info(info, why)
         an.freeze_info(reshaped, why)
+    return False
+
+
+def _computed_reshape(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int, literal: dict) -> Info:
+    """A view/reshape with sizes computed at run time (:func:`_computed_sizes`); the size of the
+    axis the result's channels land on, when computed from another tensor (``y.reshape(B, N, C)``
+    with ``C = x.shape[-1]`` of an untracked input), also becomes ``-1`` in the pruned graph."""
+    rewritten = _computed_sizes(an, node, sizes, path, start)
+    result = _reshape(an, node, node.args[0], literal)
+    listed = list(sizes) if isinstance(sizes, (tuple, list)) else [sizes]
+    if (
+        isinstance(result, Chan)
+        and path is not None
+        and not rewritten
+        and -1 not in listed
+        and result.axis < len(listed)
+        and isinstance(listed[result.axis], Node)
+    ):
+        an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + result.axis), np.zeros(0, np.int64), lambda _n: -1))
+    return result
 
 
 def rule_view_method(an: _Analyzer, node: Node) -> Info:
     if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
-        _computed_sizes(an, node, node.args[1], (1,))
-    else:
-        _computed_sizes(an, node, node.args[1:], (), start=1)
-    return _reshape(an, node, node.args[0], _shape_literals(node, 1))
+        return _computed_reshape(an, node, node.args[1], (1,), 0, _shape_literals(node, 1))
+    return _computed_reshape(an, node, node.args[1:], (), 1, _shape_literals(node, 1))
 
 
 def rule_reshape_function(an: _Analyzer, node: Node) -> Info:
     shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
-    _computed_sizes(an, node, shape_arg, (1,) if len(node.args) > 1 and isinstance(shape_arg, (tuple, list)) else None)
     literal = {i: (1, i) for i, a in enumerate(shape_arg) if isinstance(a, int) and a != -1} if isinstance(shape_arg, (tuple, list)) else {}
-    return _reshape(an, node, node.args[0], literal)
+    return _computed_reshape(an, node, shape_arg, (1,) if len(node.args) > 1 and isinstance(shape_arg, (tuple, list)) else None, 0, literal)
 
 
 def rule_flatten(an: _Analyzer, node: Node) -> Info:
@@ -1492,6 +1510,92 @@ def rule_matmul(an: _Analyzer, node: Node) -> Info:
         if isinstance(i, ParamRef) and i is not ib:
             an.pin(i.name, f"{node.name}: parameter in a matmul")
     return out
+
+
+def _einsum_labels(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[list[str]], list[str]] | None:
+    """Per operand and for the output, the label of every axis of an explicit (``->``)
+    equation; ``...`` becomes one label per broadcast axis, aligned from the right."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation:
+        return None
+    lhs, rhs = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        return None
+    width = max((len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes) if "..." in t), default=0)
+
+    def expand(term: str, rank: int | None) -> list[str] | None:
+        if "..." not in term:
+            return list(term)
+        head, tail = term.split("...")
+        n = (rank - len(head) - len(tail)) if rank is not None else width
+        return [*head, *(f"...{width - n + i}" for i in range(n)), *tail]
+
+    ops = [expand(t, len(s)) for t, s in zip(terms, shapes)]
+    out = expand(rhs, None)
+    if any(o is None or len(o) != len(s) for o, s in zip(ops, shapes)) or out is None:
+        return None
+    return ops, out
+
+
+def rule_einsum(an: _Analyzer, node: Node) -> Info:
+    """``torch.einsum(eq, a, b, …)`` / ``aten.einsum(eq, [a, b, …])`` with an explicit output:
+    channels follow their label — into the output where it stays (every operand with that label
+    carries the same channels or binds a parameter dim to them), contracted with the same
+    channels of the other operands or a parameter's dim (a linear layer written as an einsum);
+    a parameter's dim on an output label with no channels starts them (its out features)."""
+    equation = node.args[0]
+    operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else list(node.args[1:])
+    infos = [an.of(o) for o in operands]
+    shapes = [an.shape(o) for o in operands]
+    out_shape = an.shape(node)
+    parsed = _einsum_labels(equation, shapes) if isinstance(equation, str) and None not in shapes and out_shape is not None else None
+    if parsed is None:
+        raise _Unsupported("einsum without an explicit output or with unknown shapes")
+    labels, out = parsed
+    by_label: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, ls in enumerate(labels):
+        for axis, label in enumerate(ls):
+            by_label[label].append((i, axis))
+    chan_labels = {labels[i][info.axis] for i, info in enumerate(infos) if isinstance(info, Chan)}
+    result: Info = None
+    for label in sorted(chan_labels):
+        members = [(i, a) for i, a in by_label[label] if shapes[i][a] > 1]
+        atoms = next(infos[i].atoms for i, a in members if isinstance(infos[i], Chan) and infos[i].axis == a)
+        ok = True
+        for i, a in members:
+            info = infos[i]
+            if isinstance(info, Chan) and info.axis == a:
+                an.union(atoms, info.atoms)
+            elif isinstance(info, ParamRef) and info.axes[a] is not None:
+                an.bind(info.name, info.axes[a], atoms)
+            else:
+                ok = False
+        if not ok:
+            an.freeze(atoms, f"{node.name}: einsum over channels another operand does not track")
+            continue
+        if label in out:
+            if result is not None:
+                an.freeze(atoms, f"{node.name}: channels on two einsum output axes")
+                an.freeze(result.atoms, f"{node.name}: channels on two einsum output axes")
+                return None
+            result = Chan(out.index(label), atoms)
+    if result is None:  # a parameter's dim on an output label starts the output's channels
+        starts = [
+            (label, i, a) for label in out for i, a in by_label[label] if isinstance(infos[i], ParamRef) and infos[i].axes[a] is not None and shapes[i][a] > 1
+        ]
+        if len(starts) == 1:
+            label, i, a = starts[0]
+            if all(i2 == i for i2, _ in by_label[label]):
+                result = Chan(out.index(label), an.param_atoms(infos[i].name, infos[i].axes[a], f"{node.name} (out features)"))
+                an.producers[node.name] = result
+    for info, ls, shape in zip(infos, labels, shapes):  # a parameter dim on a label without channels keeps its size
+        if isinstance(info, ParamRef):
+            for a, label in enumerate(ls):
+                key = (an.canon.get(info.name, info.name), info.axes[a])
+                if key in an.bindings and shape[a] > 1 and label not in chan_labels and not (result is not None and label == out[result.axis]):
+                    an.freeze(an.bindings[key], f"{node.name}: parameter dim in an einsum without channels")
+    return result
 
 
 def rule_softmax(an: _Analyzer, node: Node) -> Info:
