@@ -34,7 +34,7 @@ def load(name: str) -> dict:
 
 J = {
     name: load(name)
-    for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "compiled", "compress", "distributed")
+    for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "hf_sweep", "compiled", "compress", "distributed")
 }
 
 
@@ -521,6 +521,23 @@ def timm_claims(d: dict) -> list:
     ]
 
 
+def hf_claims(d: dict) -> list:
+    s, rows = d["summary"], {r["family"]: r for r in d["rows"]}
+    fails = {step: len(fams) for step, fams in s["failing_by_step"].items()}
+    moe = ["mixtral", "qwen2_moe", "gpt_oss", "granitemoe", "olmoe"]
+    return [
+        ("every model type in transformers' `CONFIG_MAPPING_NAMES` ({} types", [s["families"]]),
+        ("{} of them build from a small config and run on one input", [s["built"]]),
+        ("`torch.export` captures {} of these ({} exactly)", [s["captured"], s["capture_exact"]]),
+        ("identity `qci` is exact on {}", [s["qci_exact"]]),
+        ("gives a valid model on {}, {} of them with at least {}x fewer MACs and {} with at least {}x fewer linear-layer MACs", [s["pruned_valid"], s["floor"], d["meta"]["floor"], s["linear_floor"], d["meta"]["floor"]]),
+        ("{} export to ONNX with onnxruntime parity", [s["onnx_ok"]]),
+        ("Median reduction: {}x in MACs, {}x in linear-layer MACs", [s["median_macs_ratio_qcd"], s["median_linear_macs_ratio_qcd"]]),
+        ("The failing steps: capture {}, `qci` {}, ONNX {}", [fails.get("capture", 0), fails.get("qci", 0), fails.get("onnx", 0)]),
+        ("Mixtral {}, Qwen2-MoE {}, gpt-oss {}, GraniteMoE {}, OLMoE {}", [rows[m]["qcd"]["prune"]["linear_macs_ratio"] for m in moe]),
+    ]
+
+
 def compiled_claims(d: dict) -> list:
     s, b1, b8 = d["summary"], d["summary"]["batch1"], d["summary"]["batch8"]
     return [
@@ -546,6 +563,7 @@ CLAIMS = [
     *optimizer_claims(J["optimizers"]),
     *global_claims(J["global_opt"]),
     *timm_claims(J["timm_sweep"]),
+    *hf_claims(J["hf_sweep"]),
 ]
 
 
