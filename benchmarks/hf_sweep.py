@@ -907,10 +907,13 @@ def output_path(out: str) -> str:
 
 def write(path: str, meta: dict, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data = {"meta": meta, "summary": summarize(rows), "rows": rows}
+    # one line, and the plans without their config overrides (``small_overrides`` derives them
+    # again; nothing reads them back): every family of transformers fits in well under 1 MB
+    plans = {f: {k: v for k, v in p.items() if k != "config"} for f, p in meta.get("selection", {}).items()}
+    data = {"meta": {**meta, "selection": plans}, "summary": summarize(rows), "rows": rows}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump(data, f, separators=(",", ":"))
     os.replace(tmp, path)
 
 

@@ -86,6 +86,15 @@ def test_aten_norms_take_their_own_argument_order():
     torch.testing.assert_close(from_export.graph_module(x), from_fx.graph_module(x))
 
 
+def _pruned_in_both_front_ends(model, x, spec="cdg-prune{ratio=0.5,criterion=l1}"):
+    """(capture, pruned graph module) from the fx trace and from the torch.export graph; in
+    each only the model's output is left alone."""
+    for capture in ("fx", "export"):
+        result = qcd_fx.transform(model, spec, example_inputs=x, capture=capture)
+        assert result.report.notes() == ["cdg-prune: 1 group(s) left alone: model output (its width never changes)"], (capture, result.report.notes())
+        yield capture, result.graph_module
+
+
 class TransposedWeights(nn.Module):
     """Linear layers written as ``x @ W.T`` (transformers' FalconLinear), ``x @ W.mT`` and
     ``x @ W.t()``: every spelling of a transpose carries the weight's dims."""
@@ -141,12 +150,8 @@ class StdNet(nn.Module):
 
 def test_weight_standardized_convs_prune_in_both_front_ends():
     torch.manual_seed(0)
-    model = StdNet().eval()
     x = torch.randn(2, 3, 8, 8)
-    for capture in ("fx", "export"):
-        result = qcd_fx.transform(model, "cdg-prune{criterion=l1}", example_inputs=x, capture=capture)
-        gm = result.graph_module
-        assert result.report.notes() == ["cdg-prune: 1 group(s) left alone: model output (its width never changes)"], (capture, result.report.notes())
+    for capture, gm in _pruned_in_both_front_ends(StdNet().eval(), x, "cdg-prune{criterion=l1}"):
         shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
         assert shapes["c1.weight"] == (8, 3, 3, 3) and shapes["c1.gain"] == (8, 1, 1, 1), (capture, shapes)
         assert shapes["c2.weight"] == (16, 8, 1, 1) and shapes["c3.weight"] == (8, 16, 3, 3), (capture, shapes)
@@ -212,12 +217,8 @@ class Statistics(nn.Module):
 
 def test_statistics_and_rms_norms_have_rules():
     torch.manual_seed(0)
-    model = Statistics().eval()
     x = torch.randn(2, 3, 6, 6)
-    for capture in ("fx", "export"):
-        result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture=capture)
-        assert result.report.notes() == ["cdg-prune: 1 group(s) left alone: model output (its width never changes)"], (capture, result.report.notes())
-        gm = result.graph_module
+    for capture, gm in _pruned_in_both_front_ends(Statistics().eval(), x):
         assert gm.c1.weight.shape[0] == 8 and gm.c2.weight.shape[0] == 8 and gm.c3.weight.shape[0] == 8, capture
         assert gm.rms.weight.shape == gm.w.shape == (8,) and gm.head.weight.shape == (4, 8), capture
         assert gm(x).shape == (2, 4)
