@@ -533,7 +533,7 @@ def hf_claims(d: dict) -> list:
         ("gives a valid model on {}, {} of them with at least {}x fewer MACs and {} with at least {}x fewer linear-layer MACs", [s["pruned_valid"], s["floor"], d["meta"]["floor"], s["linear_floor"], d["meta"]["floor"]]),
         ("{} export to ONNX with onnxruntime parity", [s["onnx_ok"]]),
         ("Median reduction: {}x in MACs, {}x in linear-layer MACs", [s["median_macs_ratio_qcd"], s["median_linear_macs_ratio_qcd"]]),
-        ("The failing steps: capture {}, `qci` {}, ONNX {}", [fails.get("capture", 0), fails.get("qci", 0), fails.get("onnx", 0)]),
+        ("The failing steps: capture {}, `qci` {}, pruning {}, ONNX {}", [fails.get("capture", 0), fails.get("qci", 0), fails.get("prune", 0), fails.get("onnx", 0)]),
         ("Mixtral {}, Qwen2-MoE {}, gpt-oss {}, GraniteMoE {}, OLMoE {}", [rows[m]["qcd"]["prune"]["linear_macs_ratio"] for m in moe]),
     ]
 
