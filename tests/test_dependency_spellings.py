@@ -287,3 +287,31 @@ def test_einsum_carries_channels_along_its_labels():
         gm = result.graph_module
         assert gm.w.shape[0] < 48 and gm.proj.weight.shape[1] == gm.w.shape[0] // 3, (capture, gm.w.shape)
         assert gm(x).shape == (2, 2)
+
+
+class SingleChannelEinsum(nn.Module):
+    """A one-channel gate in an einsum (an attention-pooling score: ``Linear(d, 1)``), once with
+    every operand one wide on that label and once broadcast over a wide operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.score, self.value, self.gate, self.head = nn.Linear(8, 1), nn.Linear(8, 16), nn.Linear(8, 1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        g = self.score(x)
+        w = torch.einsum("bnc,bmc->bnm", g, g).softmax(-1)
+        v = torch.relu(self.value(x))
+        v = torch.einsum("bnc,bnc->bnc", self.gate(x), v)  # the single channel broadcasts over v's
+        return self.head(torch.einsum("bnm,bmd->bnd", w, v)).mean(1)
+
+
+def test_einsum_over_a_single_channel():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    for capture in ("fx", "export"):
+        result = qcd_fx.transform(SingleChannelEinsum().eval(), "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture=capture)
+        gm = result.graph_module
+        assert gm.score.weight.shape == gm.gate.weight.shape == (1, 8), capture
+        assert gm.value.weight.shape == (16, 8) and gm.head.weight.shape == (3, 16), capture  # broadcast onto: left alone
+        assert any("einsum broadcasts a single channel" in n for n in result.report.notes()), (capture, result.report.notes())
+        assert gm(x).shape == (2, 3)

@@ -1235,13 +1235,13 @@ def rule_slice(an: _Analyzer, node: Node) -> Info:
     return None
 
 
-def _reduction(an: _Analyzer, node: Node, dims_at: int, keepdim_at: int | None = None) -> Info:
+def _reduction(an: _Analyzer, node: Node, dims_at: int, keepdim_at: int | None = None, out_shape: Any = ...) -> Info:
     """A reduction whose ``dim`` is positional argument ``dims_at`` (``keepdim`` the next one, or
-    ``keepdim_at``)."""
+    ``keepdim_at``); ``out_shape``: the result's shape when the node's own is not one tensor's."""
     keepdim_at = dims_at + 1 if keepdim_at is None else keepdim_at
     dims = node.args[dims_at] if len(node.args) > dims_at else node.kwargs.get("dim")
     keepdim = node.args[keepdim_at] if len(node.args) > keepdim_at else node.kwargs.get("keepdim", False)
-    return _reduce(an, node, dims, keepdim, an.shape(node))
+    return _reduce(an, node, dims, keepdim, an.shape(node) if out_shape is ... else out_shape)
 
 
 def _reduce(an: _Analyzer, node: Node, dims: Any, keepdim: Any, out_shape: tuple[int, ...] | None) -> Info:
@@ -1283,11 +1283,9 @@ def rule_var(an: _Analyzer, node: Node) -> Info:
     ``var_mean``/``std_mean`` return both statistics, each with the reduction's channels."""
     keepdim_at = 3 if len(node.args) > 3 else 99
     if _op_name(node) in ("var_mean", "std_mean"):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[keepdim_at] if len(node.args) > keepdim_at else node.kwargs.get("keepdim", False)
         shapes = node.meta.get("tensor_meta")
         shape = tuple(shapes[0].shape) if isinstance(shapes, (tuple, list)) and shapes and hasattr(shapes[0], "shape") else None
-        info = _reduce(an, node, dims, keepdim, shape)
+        info = _reduction(an, node, 1, keepdim_at, out_shape=shape)
         return (info, info)
     return _reduction(an, node, 1, keepdim_at)
 
@@ -1560,8 +1558,13 @@ def rule_einsum(an: _Analyzer, node: Node) -> Info:
     chan_labels = {labels[i][info.axis] for i, info in enumerate(infos) if isinstance(info, Chan)}
     result: Info = None
     for label in sorted(chan_labels):
-        members = [(i, a) for i, a in by_label[label] if shapes[i][a] > 1]
-        atoms = next(infos[i].atoms for i, a in members if isinstance(infos[i], Chan) and infos[i].axis == a)
+        chans = [(i, a) for i, a in by_label[label] if isinstance(infos[i], Chan) and infos[i].axis == a]
+        atoms = infos[chans[0][0]].atoms
+        if max(shapes[i][a] for i, a in by_label[label]) > 1 and any(shapes[i][a] == 1 for i, a in chans):
+            for i, _ in chans:  # one channel broadcast over the label: its width must stay
+                an.freeze(infos[i].atoms, f"{node.name}: einsum broadcasts a single channel")
+            continue
+        members = [(i, a) for i, a in by_label[label] if shapes[i][a] > 1 or (i, a) in chans]  # size-1 operands broadcast
         ok = True
         for i, a in members:
             info = infos[i]
