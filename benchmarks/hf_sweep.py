@@ -117,13 +117,11 @@ import platform
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
-from timm_sweep import MAX_NOTES, Recorder, _median, _top, git_commit, leaves, macs_of, one_line, same_shapes, spawn_child
+from timm_sweep import MAX_NOTES, STOP, Recorder, _median, _top, git_commit, leaves, macs_of, one_line, run_all, same_shapes, spawn_child
 from timm_sweep import versions as _versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -165,7 +163,6 @@ HEAD_MAPPINGS = (
     ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
     ("AutoModel", "MODEL_MAPPING_NAMES"),
 )
-STOP = threading.Event()  # set on SIGTERM / Ctrl-C: running children are killed, no new ones start
 QKV = {"q": ("query", "q_proj", "q", "q_lin"), "k": ("key", "k_proj", "k", "k_lin"), "v": ("value", "v_proj", "v", "v_lin")}
 
 
@@ -745,24 +742,6 @@ def measure_tp(model_type: str, cap_s: float, mem_gb: float) -> dict | None:
     for key in ("build", "params", "macs", "linear_macs", "matmul_macs", "output_shape", "eager_finite", "macs_note"):
         t.pop(key, None)
     return t
-
-
-def run_all(jobs: int, tasks: dict, done) -> None:
-    """``tasks`` {key: zero-argument callable} on ``jobs`` threads; ``done(key, result)`` in this
-    thread as each finishes (results of None, an interrupted task, are dropped). On an exception
-    or a signal the running children are stopped and no new task starts."""
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-    try:
-        futures = {pool.submit(fn): key for key, fn in tasks.items()}
-        for fut in as_completed(futures):
-            result = fut.result()
-            if result is not None:
-                done(futures[fut], result)
-    except BaseException:
-        STOP.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown()
 
 
 def built(row: dict) -> bool:

@@ -50,9 +50,11 @@ with ``torch.utils.flop_counter``, ``qcd < 0.95 * tp``, both valid).
 Writes ``benchmarks/results/timm_sweep.json`` (``--out``: a path prefix, ``.json`` appended;
 an existing directory gets ``timm_sweep.json`` inside). The file is rewritten after every model
 with ``meta.complete = false`` until the sweep ends; ``--resume`` keeps the rows already there
-(and the stored selection) and runs the rest.
+(and the stored selection) and runs the rest. ``--jobs N`` measures N models at a time (their
+children single-threaded; rows are written in selection order).
 
     python benchmarks/timm_sweep.py                          # every family (~1-2 h on 2 busy cores)
+    python benchmarks/timm_sweep.py --jobs 2                 # two models at a time (~1 h on 2 cores)
     python benchmarks/timm_sweep.py --resume                 # continue an interrupted sweep
     python benchmarks/timm_sweep.py --models resnet10t,vit_tiny_patch16_224 --out /tmp/ts
     python benchmarks/timm_sweep.py --smoke --out /tmp/ts    # resnet10t + mobilenetv3_small_050, 60 s cap (tests)
@@ -74,6 +76,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 from prune import _rss_bytes  # the sibling script (benchmarks/ is on sys.path when a script runs)
@@ -88,6 +91,7 @@ NUM_CLASSES = 10
 FLOOR = 1.8  # MACs reduction counted as "pruned well" (ratio 0.5 asks for about 4x)
 TP_MARGIN = 0.05  # qcd-fx below Torch-Pruning by more than this fraction is listed
 MAX_NOTES = 3
+STOP = threading.Event()  # set on SIGTERM / Ctrl-C: running children are killed, no new ones start
 
 
 def one_line(e: BaseException | str, limit: int = 240) -> str:
@@ -432,7 +436,7 @@ def child_tp(name: str, config: dict | None, rec: Recorder) -> None:
 def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: float) -> dict:
     """One child process (this script with ``--one``); its row, with what stopped it if it was stopped."""
     extra = ["--build", json.dumps(config)] if config is not None else []
-    return spawn_child(__file__, name, tool, extra, cap_s, mem_gb, steps=("trace", "qci", "prune", "onnx"))
+    return spawn_child(__file__, name, tool, extra, cap_s, mem_gb, steps=("trace", "qci", "prune", "onnx"), stop=STOP)
 
 
 def spawn_child(
@@ -510,9 +514,30 @@ def one_main(args) -> None:
 # parent
 
 
-def measure(name: str, family: str | None, cap_s: float, mem_gb: float) -> dict:
+def run_all(jobs: int, tasks: dict, done) -> None:
+    """``tasks`` {key: zero-argument callable} on ``jobs`` threads; ``done(key, result)`` in this
+    thread as each finishes (results of None, an interrupted task, are dropped). On an exception
+    or a signal the running children are stopped and no new task starts."""
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        futures = {pool.submit(fn): key for key, fn in tasks.items()}
+        for fut in as_completed(futures):
+            result = fut.result()
+            if result is not None:
+                done(futures[fut], result)
+    except BaseException:
+        STOP.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def measure(name: str, family: str | None, cap_s: float, mem_gb: float) -> dict | None:
+    """The model's row, or None when the sweep was interrupted while it ran."""
     row: dict = {"name": name, "family": family}
     q = run_child(name, "qcd", None, cap_s, mem_gb)
+    if STOP.is_set():
+        return None
     for key in ("build", "build_tries", "build_s", "params", "macs"):
         if key in q:
             row[key] = q.pop(key)
@@ -524,6 +549,8 @@ def measure(name: str, family: str | None, cap_s: float, mem_gb: float) -> dict:
         row["tp"] = {"ok": False, "error": "not run: the model did not build"}
         return row
     t = run_child(name, "tp", row["build"], cap_s, mem_gb)
+    if STOP.is_set():
+        return None
     t.pop("build", None)
     row["tp"] = t
     return row
@@ -662,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-cap", type=float, default=120.0, help="seconds per model and tool (a child process each; default 120)")
     ap.add_argument("--mem-cap", type=float, default=8.0, help="GiB of resident memory per child (default 8)")
     ap.add_argument("--resume", action="store_true", help="keep the rows (and selection) already in the output file, run the rest")
+    ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (default 1; each runs its two children one after the other)")
     ap.add_argument("--smoke", action="store_true", help=f"{' + '.join(SMOKE)} with a 60 s cap: checks that the script runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "timm_sweep"), help="path prefix (.json appended) or a directory")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model in a child process
@@ -673,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         one_main(args)
         return 0
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run_child's finally stops the current child
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run_all stops the running children
     if args.smoke:
         args.models, args.time_cap = ",".join(SMOKE), min(args.time_cap, 60.0)
     path = output_path(args.out)
@@ -712,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "threads": 1,
+        "jobs": args.jobs,
         "qcd_fx": __import__("qcd_fx").__version__,
         "git_commit": git_commit(),
         "batch": BATCH,
@@ -734,23 +765,24 @@ def main(argv: list[str] | None = None) -> int:
         "selection_s": selection_s,
         "complete": False,
     }
-    rows: list[dict] = []
-    done = {}
+    done: dict[str, dict] = {}
     if old:
         done = {r["name"]: r for r in old.get("rows", [])}
         meta["resumed_from"] = old.get("meta", {}).get("command")
         meta["elapsed_before_resume_s"] = old.get("meta", {}).get("elapsed_s", 0.0) + old.get("meta", {}).get("elapsed_before_resume_s", 0.0)
     print(HEADER, flush=True)
-    for fam, name in chosen:
+    for _, name in chosen:
         if name in done:
-            rows.append(done[name])
             print(line(done[name]) + "  (kept)", flush=True)
-            continue
-        row = measure(name, fam, args.time_cap, args.mem_cap)
-        rows.append(row)
+
+    def finished(name: str, row: dict) -> None:
+        done[name] = row
         print(line(row), flush=True)
         meta["elapsed_s"] = time.perf_counter() - t_start
-        write(path, meta, rows)
+        write(path, meta, [done[n] for _, n in chosen if n in done])  # in selection order, whatever finished first
+
+    run_all(args.jobs, {name: (lambda f=fam, n=name: measure(n, f, args.time_cap, args.mem_cap)) for fam, name in chosen if name not in done}, finished)
+    rows = [done[n] for _, n in chosen]
     meta["elapsed_s"] = time.perf_counter() - t_start
     meta["complete"] = True
     meta["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
