@@ -18,8 +18,9 @@ then the pretrained cfg's ``input_size``; for a model whose cfg says ``fixed_inp
 smaller sides are tried with the ``img_size=`` constructor keyword (ViT-like models with a
 fixed patch grid), without it otherwise. ``build_tries`` in a row lists the sides that failed.
 
-**Per model, qcd-fx** (one child process): 1. ``qcd_fx.trace`` (ok, and whether the traced
-module's output equals eager bit for bit); 2. ``qci`` (identity at init): ``torch.equal`` of the
+**Per model, qcd-fx** (one child process): 1. ``qcd_fx.trace(model, x)`` (``capture="auto"``:
+torch.fx, and torch.export where fx cannot trace the model; ok, ``front_end``, and whether the
+captured module's output equals eager bit for bit); 2. ``qci`` (identity at init): ``torch.equal`` of the
 transformed module's output and the model's, with the max abs difference; 3.
 ``cdg-prune{ratio=0.5,criterion=l1}`` (the l1 criterion: weight magnitudes, no calibration
 forwards): valid = the pruned module runs and every output keeps its shape and is finite; MACs
@@ -275,11 +276,14 @@ def child_qcd(name: str, rec: Recorder) -> None:
     t0 = time.perf_counter()
     gm = None
     try:
-        gm = qcd_fx.trace(model)
+        gm = qcd_fx.trace(model, x)  # capture="auto": torch.fx, torch.export where fx fails
         with torch.no_grad():
             out = gm(x)
         diff = max_abs_diff(out, ref)
-        row["trace"] = {"ok": True, "seconds": time.perf_counter() - t0, "matches_eager": diff == 0.0, "max_abs": diff}
+        info = gm.meta["capture"]
+        row["trace"] = {"ok": True, "seconds": time.perf_counter() - t0, "matches_eager": diff == 0.0, "max_abs": diff, "front_end": info.front_end}
+        if info.reason:
+            row["trace"]["fx_failed"] = info.reason[:200]
     except Exception as e:  # noqa: BLE001 - failures are results
         row["trace"] = {"ok": False, "seconds": time.perf_counter() - t0, "error": one_line(e)}
     del gm
@@ -308,6 +312,7 @@ def child_qcd(name: str, rec: Recorder) -> None:
         report, gm = result.report, result.graph_module.eval()
         p = report.passes[0]
         entry = {
+            "front_end": getattr(result.graph_module.meta.get("capture"), "front_end", None),
             "transform_wall_s": wall,
             "pass_s": p.seconds,
             "macs": p.after.macs,
@@ -562,6 +567,7 @@ def status(row: dict) -> dict[str, bool]:
     return {
         "built": "build" in row,
         "traced": bool(q.get("trace", {}).get("ok")),
+        "traced_by_export": q.get("trace", {}).get("front_end") == "export",
         "qci_exact": bool(q.get("qci", {}).get("exact")),
         "pruned_valid": bool(pr.get("ok")),
         "floor": bool(pr.get("ok")) and (pr.get("macs_ratio") or 0) >= FLOOR,
@@ -633,6 +639,11 @@ def summarize(rows: list[dict]) -> dict:
         "median_prune_s_tp": _median(r["tp"].get("prune_s") for r in tp_ok),
         "median_onnx_max_abs": _median(r["qcd"]["onnx"].get("max_abs") for r, s in zip(rows, st) if s["onnx_ok"]),
         "qcd_below_tp_by_5pct": below,
+        "pass_slower_than_tp": {  # the pass's own time against TP's dependency graph + step
+            r["family"]: {"model": r["name"], "qcd_s": round(r["qcd"]["prune"]["pass_s"], 3), "tp_s": round(r["tp"]["prune_s"], 3)}
+            for r in valid
+            if r.get("tp", {}).get("ok") and r["tp"].get("prune_s") is not None and r["qcd"]["prune"]["pass_s"] > r["tp"]["prune_s"]
+        },
         "tp_below_qcd_by_5pct": above,
         "failing": failing,
         "tp_failing": tp_failing,
