@@ -315,3 +315,32 @@ def test_einsum_over_a_single_channel():
         assert gm.value.weight.shape == (16, 8) and gm.head.weight.shape == (3, 16), capture  # broadcast onto: left alone
         assert any("einsum broadcasts a single channel" in n for n in result.report.notes()), (capture, result.report.notes())
         assert gm(x).shape == (2, 3)
+
+
+class ConcatenatedBias(nn.Module):
+    """BEiT's attention: ``F.linear(x, qkv.weight, torch.cat((q_bias, k_bias, v_bias)))`` with a
+    zero key bias kept as a buffer; the bias entries are the qkv layer's out features."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.qkv, self.proj, self.head = nn.Linear(8, dim), nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, _ = x.shape
+        qkv = F.linear(x, weight=self.qkv.weight, bias=torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(x + self.proj(y)).mean(1)
+
+
+def test_a_bias_concatenated_from_parameters_prunes_with_its_layer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    for capture, gm in _pruned_in_both_front_ends(ConcatenatedBias().eval(), x):
+        assert gm.qkv.weight.shape[0] < 48 and gm.q_bias.shape == gm.k_bias.shape == gm.v_bias.shape == (gm.qkv.weight.shape[0] // 3,), capture
+        assert gm.proj.weight.shape[1] == gm.q_bias.shape[0]
+        assert gm(x).shape == (2, 3)

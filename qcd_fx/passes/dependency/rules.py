@@ -276,9 +276,13 @@ def rule_linear_function(an: _Analyzer, node: Node) -> Info:
     w = an.of(args[1] if len(args) > 1 else node.kwargs.get("weight"))
     b_arg = args[2] if len(args) > 2 else node.kwargs.get("bias")
     b = an.of(b_arg)
-    if not isinstance(w, ParamRef) or w.axes != (0, 1) or (b_arg is not None and not isinstance(b, ParamRef)):
+    computed_bias = isinstance(b, Chan) and b.axis == 0 and an.shape(b_arg) is not None and len(an.shape(b_arg)) == 1
+    if not isinstance(w, ParamRef) or w.axes != (0, 1) or (b_arg is not None and not isinstance(b, ParamRef) and not computed_bias):
         raise _Unsupported("functional linear with computed weights")
-    return _linear(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, args[0])
+    out = _linear(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, args[0])
+    if computed_bias:  # BEiT's torch.cat((q_bias, k_bias, v_bias)): its channels are the out features
+        an.union(b.atoms, an.param_atoms(w.name, 0))
+    return out
 
 
 def rule_addmm(an: _Analyzer, node: Node) -> Info:
@@ -989,6 +993,8 @@ def rule_cat(an: _Analyzer, node: Node) -> Info:
         raise _Unsupported("cat with unknown shapes")
     dim = _norm_axis(dim, len(out_shape))
     infos = [an.of(t) for t in tensors]
+    if len(out_shape) == 1:  # vectors of parameters (BEiT's q, k, v biases): their entries are channels
+        infos = [_vector_channels(an, i) for i in infos]
     if any(isinstance(i, Chan) and i.axis == dim for i in infos):
         parts = []
         for t, i in zip(tensors, infos):
@@ -1002,6 +1008,14 @@ def rule_cat(an: _Analyzer, node: Node) -> Info:
                 parts.append(fresh)
         return Chan(dim, np.concatenate(parts))
     return _combine(an, node, list(tensors), out_shape)
+
+
+def _vector_channels(an: _Analyzer, info: Info) -> Info:
+    """A one-dimensional parameter or buffer as a value whose entries are channels (its dim 0's
+    atoms); anything else unchanged."""
+    if isinstance(info, ParamRef) and info.axes == (0,) and an.tensors[an.canon.get(info.name, info.name)].dim() == 1:
+        return Chan(0, an.param_atoms(info.name, 0, f"{info.name} (entries)"))
+    return info
 
 
 def rule_stack(an: _Analyzer, node: Node) -> Info:
