@@ -344,3 +344,29 @@ def test_a_bias_concatenated_from_parameters_prunes_with_its_layer():
         assert gm.qkv.weight.shape[0] < 48 and gm.q_bias.shape == gm.k_bias.shape == gm.v_bias.shape == (gm.qkv.weight.shape[0] // 3,), capture
         assert gm.proj.weight.shape[1] == gm.q_bias.shape[0]
         assert gm(x).shape == (2, 3)
+
+
+class KeywordGroups(nn.Module):
+    """timm's BlurPool2d (``F.conv2d(x, filt, stride=2, groups=channels)``, a fixed per-channel
+    filter buffer) and a group norm with one channel per group, both with the group count as a
+    keyword: it follows the pruned width."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels = 16
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.register_buffer("filt", torch.ones(16, 1, 3, 3) / 9)
+        self.gw, self.gb = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        y = F.conv2d(F.pad(self.c1(x), (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=self.channels)
+        y = F.group_norm(torch.relu(y), num_groups=self.channels, weight=self.gw, bias=self.gb)
+        return self.c2(y)
+
+
+def test_group_counts_given_as_keywords_follow_the_pruned_width():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for capture, gm in _pruned_in_both_front_ends(KeywordGroups().eval(), x):
+        assert gm.c1.weight.shape[0] == gm.filt.shape[0] == gm.gw.shape[0] == 8 and gm.c2.weight.shape[1] == 8, capture
+        assert gm(x).shape == (2, 4, 4, 4)

@@ -131,7 +131,7 @@ def _module_tensor(path: str, name: str) -> str:
 
 
 def _conv(
-    an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, groups: int, transposed: bool, x: Any, groups_arg: tuple[int, ...] | None = None
+    an: _Analyzer, node: Node, path: str, weight: str, bias: str | None, groups: int, transposed: bool, x: Any, groups_arg: tuple[int | str, ...] | None = None
 ) -> Info:
     info = an.of(x)
     in_shape = an.shape(x)
@@ -222,9 +222,9 @@ def rule_conv_function(an: _Analyzer, node: Node) -> Info:
         or (values["bias"] is not None and not isinstance(b, ParamRef))
     ):
         raise _Unsupported("functional convolution with computed weights")
-    groups_arg = (6,) if len(args) > 6 else None
+    groups_arg = (6,) if len(args) > 6 else ("groups",) if "groups" in node.kwargs else None
     if groups > 1 and groups_arg is None:
-        raise _Unsupported("functional grouped convolution with groups as keyword")
+        raise _Unsupported("functional grouped convolution without its groups argument")
     transposed = "transpose" in _op_name(node)
     return _conv(an, node, "", w.name, b.name if isinstance(b, ParamRef) else None, groups, transposed, values["input"], groups_arg)
 
@@ -381,7 +381,7 @@ def _unknown(an: _Analyzer, node: Node, info: Info) -> None:
 
 
 def _channel_norm(
-    an: _Analyzer, node: Node, path: str, tensors: list[str], num_groups: int | None, x: Any = None, groups_arg: tuple[int, ...] | None = None
+    an: _Analyzer, node: Node, path: str, tensors: list[str], num_groups: int | None, x: Any = None, groups_arg: tuple[int | str, ...] | None = None
 ) -> Info:
     info = an.of(node.args[0] if x is None else x)
     if not isinstance(info, Chan):
@@ -444,10 +444,10 @@ def rule_norm_function(an: _Analyzer, node: Node) -> Info:
         num_groups = bound.get("num_groups")
         if not isinstance(num_groups, int):
             raise _Unsupported("group_norm with a computed num_groups")
-        groups_arg = (1,) if len(node.args) > 1 else None
+        groups_arg = (1,) if len(node.args) > 1 else ("num_groups",) if "num_groups" in node.kwargs else None
         info = an.of(bound["input"])
         if isinstance(info, Chan) and num_groups == len(info.atoms) > 1 and groups_arg is None:
-            raise _Unsupported("group_norm with one channel per group and num_groups as a keyword")
+            raise _Unsupported("group_norm with one channel per group and no num_groups argument")
     x = an.of(bound["input"])
     if isinstance(x, (MergedParam, ParamRef)):
         return _normalised_param(an, node, x, tensors, kind)
