@@ -51,12 +51,15 @@ with ``torch.utils.flop_counter``, ``qcd < 0.95 * tp``, both valid).
 Writes ``benchmarks/results/timm_sweep.json`` (``--out``: a path prefix, ``.json`` appended;
 an existing directory gets ``timm_sweep.json`` inside). The file is rewritten after every model
 with ``meta.complete = false`` until the sweep ends; ``--resume`` keeps the rows already there
-(and the stored selection) and runs the rest. ``--jobs N`` measures N models at a time (their
+(and the stored selection) and runs the rest; ``--redo a,b`` measures those families again
+(``meta.redone``: family -> commit, for every row a resumed run measured at another commit than
+``meta.git_commit``, the commit of the others). ``--jobs N`` measures N models at a time (their
 children single-threaded; rows are written in selection order).
 
     python benchmarks/timm_sweep.py                          # every family (~1-2 h on 2 busy cores)
     python benchmarks/timm_sweep.py --jobs 2                 # two models at a time (~1 h on 2 cores)
     python benchmarks/timm_sweep.py --resume                 # continue an interrupted sweep
+    python benchmarks/timm_sweep.py --resume --redo beit,eva # ... measuring these families again
     python benchmarks/timm_sweep.py --models resnet10t,vit_tiny_patch16_224 --out /tmp/ts
     python benchmarks/timm_sweep.py --smoke --out /tmp/ts    # resnet10t + mobilenetv3_small_050, 60 s cap (tests)
 """
@@ -700,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-cap", type=float, default=120.0, help="seconds per model and tool (a child process each; default 120)")
     ap.add_argument("--mem-cap", type=float, default=8.0, help="GiB of resident memory per child (default 8)")
     ap.add_argument("--resume", action="store_true", help="keep the rows (and selection) already in the output file, run the rest")
+    ap.add_argument("--redo", help="with --resume: comma-separated families measured again (their rows dropped; meta.redone maps them to the commit)")
     ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (default 1; each runs its two children one after the other)")
     ap.add_argument("--smoke", action="store_true", help=f"{' + '.join(SMOKE)} with a 60 s cap: checks that the script runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "timm_sweep"), help="path prefix (.json appended) or a directory")
@@ -714,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
+    redo = {f.strip() for f in (args.redo or "").split(",") if f.strip()}
+    if redo and not args.resume:
+        ap.error("--redo needs --resume (it measures families of an existing sweep again)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run_all stops the running children
     if args.smoke:
         args.models, args.time_cap = ",".join(SMOKE), min(args.time_cap, 60.0)
@@ -778,7 +785,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     done: dict[str, dict] = {}
     if old:
-        done = {r["name"]: r for r in old.get("rows", [])}
+        unknown = redo - {r["family"] for r in old.get("rows", [])}
+        if unknown:
+            ap.error(f"--redo: no rows for {', '.join(sorted(unknown))} in {path}")
+        done = {r["name"]: r for r in old.get("rows", []) if r["family"] not in redo}
+        meta["git_commit"] = old.get("meta", {}).get("git_commit") or meta["git_commit"]  # the rows' commit; redone ones below
+        meta["redone"] = dict(old.get("meta", {}).get("redone", {}))
         meta["resumed_from"] = old.get("meta", {}).get("command")
         meta["elapsed_before_resume_s"] = old.get("meta", {}).get("elapsed_s", 0.0) + old.get("meta", {}).get("elapsed_before_resume_s", 0.0)
     print(HEADER, flush=True)
@@ -786,8 +798,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in done:
             print(line(done[name]) + "  (kept)", flush=True)
 
+    now = git_commit()
+
     def finished(name: str, row: dict) -> None:
         done[name] = row
+        if old and now != meta["git_commit"]:
+            meta["redone"][row["family"]] = now
         print(line(row), flush=True)
         meta["elapsed_s"] = time.perf_counter() - t_start
         write(path, meta, [done[n] for _, n in chosen if n in done])  # in selection order, whatever finished first
