@@ -370,3 +370,46 @@ def test_group_counts_given_as_keywords_follow_the_pruned_width():
     for capture, gm in _pruned_in_both_front_ends(KeywordGroups().eval(), x):
         assert gm.c1.weight.shape[0] == gm.filt.shape[0] == gm.gw.shape[0] == 8 and gm.c2.weight.shape[1] == 8, capture
         assert gm(x).shape == (2, 4, 4, 4)
+
+
+class GlobalQueryAttention(nn.Module):
+    """GC ViT's global attention: a query computed once per image, repeated over the image's
+    windows with ``repeat_interleave`` on the batch axis and split into heads by a reshape that
+    keeps the rank ((B, H, W, C) -> (B, H*W, heads, head_dim)); a relative position bias gathered
+    from a (positions, heads) table by an index buffer, reshaped and added per head."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.inp, self.q, self.kv, self.proj, self.head = (
+            nn.Linear(8, dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 3),
+        )
+        self.table = nn.Parameter(torch.randn(25, heads))
+        self.register_buffer("index", torch.arange(81) % 25)
+
+    def forward(self, x):  # (B, 6, 3, 8): two 3x3 windows per image
+        x = self.inp(x)
+        b, h, w, c = x.shape
+        windows = x.reshape(2 * b, 9, c)
+        q_global = self.q(x[:, :3])
+        q = q_global.repeat_interleave(windows.shape[0] // q_global.shape[0], dim=0)
+        q = q.reshape(2 * b, 9, self.heads, self.head_dim).permute(0, 2, 1, 3)
+        k, v = self.kv(windows).reshape(2 * b, 9, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].view(9, 9, self.heads).permute(2, 0, 1).unsqueeze(0)
+        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias
+        y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(2 * b, 9, c)
+        return self.head(x + self.proj(y).reshape(b, h, w, c)).mean((1, 2))
+
+
+def test_global_query_attention_with_a_gathered_position_bias_prunes_whole_heads():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 8)
+    for capture, gm in _pruned_in_both_front_ends(GlobalQueryAttention().eval(), x):
+        heads = gm.table.shape[1]
+        assert heads < 4 and gm.q.weight.shape[0] == heads * 4 and gm.kv.weight.shape[0] == 2 * heads * 4, capture
+        assert gm.proj.weight.shape[1] == heads * 4 and gm.inp.weight.shape[0] == 8, capture
+        assert gm(x).shape == (2, 3)

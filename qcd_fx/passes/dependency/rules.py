@@ -688,6 +688,12 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
             if tuple(out_shape) == full and all(a is None or a == d for d, a in enumerate(axes)):
                 return ParamRef(info.name, tuple(range(len(full))))  # back to its own shape (a 1x1 conv's size-1 dims)
             return ParamRef(info.name, tuple(axes))
+        kept = _kept_axes(in_shape, out_shape, info.axes)
+        if kept is not None:  # a gathered table's rows reshaped (relative position biases): its own dims stay whole
+            for d_out, path in (literal or {}).items():
+                if kept[d_out] is not None and out_shape[d_out] > 1:
+                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, kept[d_out]), int))
+            return ParamRef(info.name, kept)
         merged = _merged_axes(in_shape, out_shape, info.axes)
         if merged is not None and not any(isinstance(merged[d], tuple) for d in (literal or {})):
             for d_out, path in (literal or {}).items():
@@ -718,10 +724,11 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
     table = full[index]
     if len(varying) == 1:
         chan = Chan(varying[0], np.ascontiguousarray(table))
-    elif len(out_shape) > len(in_shape) and _feeds_attention(node, len(out_shape)):
+    elif _feeds_attention(node, len(out_shape)):
         # (…, heads, head_dim) on the way into attention: a head is one unit (its head_dim
         # positions pruned together, and the same head of any leading axis, e.g. timm's q/k/v
-        # axis of a fused qkv); the channels are the heads
+        # axis of a fused qkv); the channels are the heads. The rank may stay (GC ViT's global
+        # query: (B, H, W, C) -> (B, H*W, heads, head_dim))
         heads = varying[-2]
         table = table.reshape(-1, out_shape[heads], out_shape[varying[-1]])
         an.union(np.broadcast_to(table[:1, :, :1], table.shape).ravel(), table.ravel())
@@ -739,6 +746,23 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
                 atoms = counted[axis]
                 an.arg_rewrites.append(ArgRewrite(node.name, path, atoms, int))
     return chan
+
+
+def _kept_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple | None:
+    """The axes of a parameter-derived value after a reshape that keeps each of its parameter dims
+    whole (row-major: an out axis of the same size with the same number of elements before it)
+    while the axes that are no parameter dim (rows gathered by an index) split or merge; None
+    when a parameter dim does not come through whole."""
+    out: list[int | None] = [None] * len(out_shape)
+    for d, a in enumerate(axes):
+        if a is None or in_shape[d] == 1:
+            continue
+        before = math.prod(in_shape[:d])
+        e = next((e for e, size in enumerate(out_shape) if size == in_shape[d] and math.prod(out_shape[:e]) == before), None)
+        if e is None:
+            return None
+        out[e] = a
+    return tuple(out)
 
 
 def _merged_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple | None:
@@ -982,6 +1006,24 @@ def rule_repeat(an: _Analyzer, node: Node) -> Info:
         return Chan(axis, info.atoms if k == 1 else np.tile(info.atoms, k))
     if isinstance(info, ParamRef):
         an.pin(info.name, f"{node.name}: parameter repeated")
+    return None
+
+
+def rule_repeat_interleave(an: _Analyzer, node: Node) -> Info:
+    """``x.repeat_interleave(k, dim)``: every entry ``k`` times along ``dim``. Channels on another
+    axis pass through (GC ViT repeats a global query over the batch's windows); on the channel
+    axis each channel's ``k`` copies carry it; without ``dim`` the tensor is flattened."""
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if isinstance(info, Chan) and shape is not None and isinstance(dim, int):
+        dim = _norm_axis(dim, len(shape))
+        if dim != info.axis:
+            return Chan(info.axis, info.atoms)
+        if isinstance(repeats, int):
+            return Chan(dim, np.repeat(info.atoms, repeats))
+    an.freeze_info(info, f"{node.name}: repeat_interleave over the channels")
     return None
 
 
