@@ -413,3 +413,28 @@ def test_global_query_attention_with_a_gathered_position_bias_prunes_whole_heads
         assert heads < 4 and gm.q.weight.shape[0] == heads * 4 and gm.kv.weight.shape[0] == 2 * heads * 4, capture
         assert gm.proj.weight.shape[1] == heads * 4 and gm.inp.weight.shape[0] == 8, capture
         assert gm(x).shape == (2, 3)
+
+
+class WindowedResidual(nn.Module):
+    """DaViT's window partition and reverse: ``view(-1, wh, ww, C)`` with ``C`` read from the
+    input's shape and a ``-1`` already in the shape; the channel count follows the pruned width."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc, self.proj, self.head = nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):  # (B, 4, 4, 8)
+        x = self.inp(x)
+        b, h, w, c = x.shape
+        windows = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, c)
+        y = self.proj(torch.relu(self.fc(windows))).view(-1, 2, 2, c)
+        y = y.view(b, h // 2, w // 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        return self.head(x + y).mean((1, 2))
+
+
+def test_a_channel_count_beside_a_minus_one_follows_the_pruned_width():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 8)
+    for capture, gm in _pruned_in_both_front_ends(WindowedResidual().eval(), x):
+        assert gm.inp.weight.shape[0] == gm.proj.weight.shape[0] == 8 and gm.fc.weight.shape == (16, 8), capture
+        assert gm(x).shape == (2, 3)

@@ -828,15 +828,15 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> bool:
     return len(common) == min(len(sa), len(sb)) > 0
 
 
-def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int = 0) -> bool:
+def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int = 0) -> bool | list:
     """A view/reshape whose shape holds sizes computed at run time. Batch and token counts (axes
     without channels) are fine. One that counts channels (``C = x.shape[2]``;
     ``qkv.reshape(B, N, 3, heads, C // heads)``, ``y.reshape(B, N, C)``) would fall out of step
     with the reshaped value once either is pruned: when it is the only such size and the shape
-    has no ``-1``, the pruned graph reshapes with ``-1`` there (the size follows the value);
-    otherwise the channels it counts and the reshaped value's channels are left alone.
+    has no ``-1``, the pruned graph reshapes with ``-1`` there (the size follows the value).
     ``path``: where ``sizes`` sit in the node's args (size ``i`` at ``(*path, start + i)``; None: a
-    keyword). True when a size became ``-1``."""
+    keyword). True when a size became ``-1``, False when none counts channels, else the
+    ``(index, source node, its info)`` of the sizes that do (see :func:`_computed_reshape`)."""
     listed = sizes if isinstance(sizes, (tuple, list)) else [sizes]
     reshaped = an.of(node.args[0])
     counting: list[tuple[int, Node, Info]] = []
@@ -857,19 +857,29 @@ def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...]
     if path is not None and len({i for i, _, _ in counting}) == 1 and -1 not in listed:
         an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + counting[0][0]), np.zeros(0, np.int64), lambda _n: -1))
         return True
-    for _, src, info in counting:
-        why = f"{node.name}: a size computed from the channels of '{src.name}'"
-        an.freeze_info(info, why)
-        an.freeze_info(reshaped, why)
-    return False
+    return counting
 
 
 def _computed_reshape(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int, literal: dict) -> Info:
     """A view/reshape with sizes computed at run time (:func:`_computed_sizes`); the size of the
     axis the result's channels land on, when computed from another tensor (``y.reshape(B, N, C)``
-    with ``C = x.shape[-1]`` of an untracked input), also becomes ``-1`` in the pruned graph."""
-    rewritten = _computed_sizes(an, node, sizes, path, start)
+    with ``C = x.shape[-1]`` of an untracked input), also becomes ``-1`` in the pruned graph. When
+    the shape has a ``-1`` already (DaViT's ``proj(y).view(-1, 7, 7, C)``), a size counting
+    channels on the result's channel axis becomes the pruned count of those channels; any other
+    size counting channels leaves them and the reshaped value's channels alone."""
+    counting = _computed_sizes(an, node, sizes, path, start)
     result = _reshape(an, node, node.args[0], literal)
+    rewritten = counting is True
+    if isinstance(counting, list):
+        if isinstance(result, Chan) and path is not None and all(i == result.axis for i, _, _ in counting):
+            an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + result.axis), result.atoms, int))
+            rewritten = True
+        else:
+            reshaped = an.of(node.args[0])
+            for _, src, info in counting:
+                why = f"{node.name}: a size computed from the channels of '{src.name}'"
+                an.freeze_info(info, why)
+                an.freeze_info(reshaped, why)
     listed = list(sizes) if isinstance(sizes, (tuple, list)) else [sizes]
     if (
         isinstance(result, Chan)
