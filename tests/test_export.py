@@ -345,6 +345,28 @@ def test_serialize_once_gives_the_bytes_of_the_full_proto():
     assert program.model_proto.SerializeToString() == expected
 
 
+def test_a_file_that_runs_on_the_example_batch_only_is_not_written(tmp_path, monkeypatch):
+    """A file whose batch size was fixed inside the graph (TorchScript's fallback traces sizes
+    read from shapes as constants) runs on the example but not on the second batch: the error
+    says so and what to do; onnxruntime's failure on that batch is injected."""
+    import onnxruntime
+
+    gm = qcd_fx.trace(digits_cnn().eval())
+    path = tmp_path / "m.onnx"
+    run = onnxruntime.InferenceSession.run
+
+    def example_batch_only(self, names, feed, *args, **kwargs):
+        if any(v.shape[0] != 2 for v in feed.values()):
+            raise RuntimeError("Attempting to broadcast an axis by a dimension other than 1. 256 by 384")
+        return run(self, names, feed, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", example_batch_only)
+    with pytest.raises(ExportError, match=r"runs the exported \w+ on the example's batch but fails on batch 3: .*256 by 384.*--static-batch"):
+        export_onnx(gm, (torch.randn(2, 1, 8, 8),), str(path))
+    assert leftovers(tmp_path) == [] and not path.exists()
+    assert export_onnx(gm, (torch.randn(2, 1, 8, 8),), str(path), dynamic_batch=False).ok
+
+
 def test_background_check_failures_are_reported_in_order(tmp_path, monkeypatch):
     """onnx.checker, the onnxruntime session and its runs happen in a thread while PyTorch
     computes the references: a failure of each still raises its own one-line error, a rejected

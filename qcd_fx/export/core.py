@@ -329,6 +329,12 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
             for i, label, batch_inputs, expected in batches:
                 got = ort_outputs[i]
                 if isinstance(got, BaseException):
+                    if label.startswith("batch "):  # runs on the example's batch only: a size was fixed in the graph
+                        raise ExportError(
+                            f"onnxruntime runs the exported {type(gm).__name__} on the example's batch but fails on {label}: "
+                            f"{_ort_failure(got, proto, gm)}; the {report.exporter} exporter fixed the batch size inside the graph, "
+                            "export with a static batch (dynamic_batch=False, --static-batch); the file was not written"
+                        ) from got
                     raise ExportError(f"onnxruntime fails to run the exported {type(gm).__name__}: {_ort_failure(got, proto, gm)}") from got
                 with _timed(timings, "compare"):
                     b = batch_inputs[0].shape[0] if batch_inputs[0].dim() >= 1 else None
