@@ -206,3 +206,41 @@ def test_a_failing_group_is_found_by_bisection_when_the_failing_node_names_no_ch
     assert gm(x).shape == (3, 4)
     assert gm.a.weight.shape == (16, 8) and gm.c.weight.shape[0] == 16
     assert 0 < len(kept_removed) < len(removed)
+
+
+class TwoStageConcat(nn.Module):
+    """Inception-ResNet's shape: stage 2's input concatenates new channels with stage 1's
+    residual stream, so both stages' streams are one group whose units span different layers
+    (stage 1's in more of them). Stage 1's weights are small. Ranked as one, the units of one
+    stage go and the other stage stays whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.s1 = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(3))
+        self.grow = nn.Conv2d(16, 16, 3, padding=1)
+        self.s2 = nn.ModuleList(nn.Conv2d(32, 32, 3, padding=1) for _ in range(2))
+        self.head = nn.Linear(32, 5)
+        with torch.no_grad():
+            for conv in [self.stem, *self.s1]:
+                conv.weight.mul_(0.01)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.s1:
+            x = x + torch.relu(conv(x))
+        x = torch.cat([self.grow(x), x], 1)
+        for conv in self.s2:
+            x = x + torch.relu(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_group_spanning_stages_is_cut_in_every_layer():
+    torch.manual_seed(0)
+    model, x = TwoStageConcat().eval(), torch.randn(2, 3, 8, 8)
+    result = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture="fx")
+    gm = result.graph_module
+    widths = {n: m.weight.shape[0] for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths == {"stem": 8, "s1.0": 8, "s1.1": 8, "s1.2": 8, "grow": 8, "s2.0": 16, "s2.1": 16}, widths
+    assert count_macs(model, (x,)) / count_macs(gm, (x,)) > 3.5
+    assert gm(x).shape == (2, 5)

@@ -18,14 +18,18 @@ Criteria (``criterion=``), per *unit* (a set of channels that must go together, 
   slices instead (``I = mean |w|``, ``S`` = the seed's entropy of the slice). Low ``E`` goes first.
 * ``l1`` / ``l2`` — weight magnitude: for every tensor dimension bound to the unit (producing
   rows, consuming columns, norm affine parameters), the L1 (L2²) norm of its slice, normalised by
-  that tensor's mean slice norm, summed over tensors (the usual group-magnitude anchor).
+  that tensor's mean slice norm, averaged over tensors (so that units bound to many tensors, a
+  residual stream's, and units bound to few rank on one scale).
 * ``random`` — uniform scores from ``seed``.
 
 Selection: ``ratio`` (fraction of the prunable units removed in every group; default 0.5),
 ``target_macs`` (global uniform ratio found by bisection until MACs fall to the target:
 a fraction of the current MACs when <= 1, an absolute count otherwise), or ``threshold=auto``
 (the seed's rule: remove units whose ``E`` is below the efficiency of the model output).
-Every group keeps at least one unit; ``round_to=N`` keeps a multiple of N units.
+Every group keeps at least one unit; ``round_to=N`` keeps a multiple of N units. In a group
+whose units do not all span the same layers (concatenations joined by residual streams:
+Inception-ResNet, DPN), the ratio also holds per layer: the lowest-scored units go as long as
+no layer loses more than ``ratio`` of its channels, so one stage is not cut in place of another.
 
 ``scope=nodes`` (or ``both``) also removes residual branches ``x + f(x) -> x`` whose output
 efficiency is below the output's efficiency (at most ``ratio`` of the branches when a ratio is
@@ -51,6 +55,7 @@ import copy
 import math
 import operator
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -417,7 +422,7 @@ def _scores(gm: GraphModule, deps: Dependencies, criterion: str, effs: dict[str,
             mean = s.mean()
             if mean > 0:
                 np.add.at(total, atoms, s / mean)
-        return _per_unit(deps, total, "sum")
+        return _per_unit(deps, total, "mean")
     # cdg
     eff_sum, eff_cnt = np.zeros(n), np.zeros(n)
     for node_name, chan in deps.producers.items():
@@ -470,6 +475,7 @@ def _select(deps: Dependencies, scores: np.ndarray, round_to: int, *, ratio: flo
     """Labels of the lowest-scored units of every group: ``floor(ratio * n)`` of them, or those
     scoring below ``threshold`` (give exactly one), then rounded by :func:`_keep_count`."""
     removed = []
+    starts = np.searchsorted(deps.family_of[1:], np.arange(len(deps.families) + 1)) + 1
     for g in deps.groups:
         n = len(g.units)
         if n <= 1:
@@ -477,10 +483,44 @@ def _select(deps: Dependencies, scores: np.ndarray, round_to: int, *, ratio: flo
         s = scores[g.units]
         drop = int((s < threshold).sum()) if threshold is not None else math.floor(ratio * n + 1e-9)
         keep = _keep_count(n, drop, round_to)
-        removed.append(g.units[np.argsort(s, kind="stable")][: n - keep])
+        order = g.units[np.argsort(s, kind="stable")]
+        if ratio is not None and round_to == 1 and len(g.families) > 1:
+            picked = _within_every_layer(deps, g, order, ratio, starts)
+            if picked is not None:
+                removed.append(picked)
+                continue
+        removed.append(order[: n - keep])
     if not removed:
         return np.zeros(0, np.int64)
     return _keep_every_layer(deps, scores, np.concatenate(removed))
+
+
+def _within_every_layer(deps: Dependencies, g: Any, order: np.ndarray, ratio: float, starts: np.ndarray) -> np.ndarray | None:
+    """For a group whose units do not all span the same layers (a concatenation's parts joined
+    by residual streams: Inception-ResNet's stages, DPN): the lowest-scored units, in ``order``,
+    that leave no layer (family) with more than ``floor(ratio * width)`` channels removed, so
+    that one stage is not cut in place of another. None when every unit spans every layer
+    (the plain ranking does the same)."""
+    atoms = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in g.families])
+    units, fams = deps.labels[atoms], deps.family_of[atoms]
+    live = units != FROZEN
+    pairs, counts = np.unique(np.stack([units[live], fams[live]]), axis=1, return_counts=True)
+    if pairs.shape[1] == len(g.units) * len(g.families):
+        return None
+    quota = {f: math.floor(ratio * (starts[f + 1] - starts[f]) + 1e-9) for f in g.families}
+    spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for u, f, c in zip(pairs[0].tolist(), pairs[1].tolist(), counts.tolist()):
+        spans[u].append((f, c))
+    budget = math.floor(ratio * len(g.units) + 1e-9)
+    picked = []
+    for u in order.tolist():
+        if len(picked) >= budget:
+            break
+        if all(quota[f] >= c for f, c in spans[u]):
+            for f, c in spans[u]:
+                quota[f] -= c
+            picked.append(u)
+    return np.asarray(picked, dtype=np.int64)
 
 
 def _keep_every_layer(deps: Dependencies, scores: np.ndarray, removed: np.ndarray) -> np.ndarray:
