@@ -438,3 +438,29 @@ def test_a_channel_count_beside_a_minus_one_follows_the_pruned_width():
     for capture, gm in _pruned_in_both_front_ends(WindowedResidual().eval(), x):
         assert gm.inp.weight.shape[0] == gm.proj.weight.shape[0] == 8 and gm.fc.weight.shape == (16, 8), capture
         assert gm(x).shape == (2, 3)
+
+
+class RestoredShape(nn.Module):
+    """timm's MaxViT attention: ``restore_shape = x.shape[:-1]`` and later
+    ``y.reshape(restore_shape + (-1,))`` -- one computed value for the whole shape, reading only
+    the axes before the channels."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.qkv, self.proj, self.head = nn.Linear(8, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, H, W, 8)
+        x = self.inp(x)
+        b, restore = x.shape[0], x.shape[:-1]
+        q, k, v = self.qkv(x).view(b, -1, self.heads, 3 * 8).transpose(1, 2).chunk(3, dim=3)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(restore + (-1,))
+        return self.head(x + self.proj(y)).mean((1, 2))
+
+
+def test_a_shape_computed_as_one_value_is_left_as_it_is():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 8)
+    for capture, gm in _pruned_in_both_front_ends(RestoredShape().eval(), x):
+        assert gm.inp.weight.shape[0] == 8 and gm.qkv.weight.shape[0] < 48 and gm.proj.weight.shape[1] == gm.qkv.weight.shape[0] // 3, capture
+        assert gm(x).shape == (2, 3)

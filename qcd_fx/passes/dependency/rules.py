@@ -814,6 +814,12 @@ def _size_reads(an: _Analyzer, value: Node, limit: int = 64) -> list[tuple[Node,
             ):
                 out.append((shape_of.args[0], n.args[1]))
                 continue
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], slice) and isinstance(n.args[0], Node):
+            shape_of = n.args[0]  # x.shape[:-1]: the axes in the slice (timm's restore_shape + (-1,))
+            rank = len(an.shape(shape_of.args[0]) or ()) if shape_of.args else 0
+            if rank and shape_of.op == "call_function" and shape_of.target is getattr and shape_of.args[1] == "shape":
+                out.extend((shape_of.args[0], axis) for axis in range(rank)[n.args[1]])
+                continue
         if isinstance(an.info.get(n), (Chan, ParamRef)):
             out.append((n, None))
             continue
@@ -854,10 +860,18 @@ def _computed_sizes(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...]
                 counting.append((i, src, info))
     if not counting:
         return False
-    if path is not None and len({i for i, _, _ in counting}) == 1 and -1 not in listed:
+    if path is not None and not _one_value_shape(an, node, sizes) and len({i for i, _, _ in counting}) == 1 and -1 not in listed:
         an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + counting[0][0]), np.zeros(0, np.int64), lambda _n: -1))
         return True
     return counting
+
+
+def _one_value_shape(an: _Analyzer, node: Node, sizes: Any) -> bool:
+    """The shape is one computed value (a tuple: ``x.reshape(x.shape[:-1] + (-1,))``), not a list of
+    sizes: none of its entries can be rewritten."""
+    if not isinstance(sizes, (tuple, list)):
+        return isinstance(sizes, Node)
+    return len(sizes) == 1 and isinstance(sizes[0], Node) and len(an.shape(node) or ()) != 1
 
 
 def _computed_reshape(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ...] | None, start: int, literal: dict) -> Info:
@@ -870,8 +884,9 @@ def _computed_reshape(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ..
     counting = _computed_sizes(an, node, sizes, path, start)
     result = _reshape(an, node, node.args[0], literal)
     rewritten = counting is True
+    whole = _one_value_shape(an, node, sizes)
     if isinstance(counting, list):
-        if isinstance(result, Chan) and path is not None and all(i == result.axis for i, _, _ in counting):
+        if isinstance(result, Chan) and path is not None and not whole and all(i == result.axis for i, _, _ in counting):
             an.arg_rewrites.append(ArgRewrite(node.name, (*path, start + result.axis), result.atoms, int))
             rewritten = True
         else:
@@ -885,6 +900,7 @@ def _computed_reshape(an: _Analyzer, node: Node, sizes: Any, path: tuple[int, ..
         isinstance(result, Chan)
         and path is not None
         and not rewritten
+        and not whole
         and -1 not in listed
         and result.axis < len(listed)
         and isinstance(listed[result.axis], Node)
