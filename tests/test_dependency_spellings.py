@@ -464,3 +464,29 @@ def test_a_shape_computed_as_one_value_is_left_as_it_is():
     for capture, gm in _pruned_in_both_front_ends(RestoredShape().eval(), x):
         assert gm.inp.weight.shape[0] == 8 and gm.qkv.weight.shape[0] < 48 and gm.proj.weight.shape[1] == gm.qkv.weight.shape[0] // 3, capture
         assert gm(x).shape == (2, 3)
+
+
+class InterpolatedPositions(nn.Module):
+    """A position table for a 4x4 grid resampled to the input's 2x2 grid (timm's dynamic-size
+    ViTs, Qwen3-ViT): reshaped to a grid, interpolated, flattened back and added to the tokens.
+    Its channel dim follows the residual stream; its token dim is left whole."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Conv2d(3, dim, 2, stride=2), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim))
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 4, dim)
+        grid = self.pos.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(grid, size=(2, 2), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(1, 4, -1)
+        t = t + pos
+        return self.head(t + torch.relu(self.fc(t))).mean(1)
+
+
+def test_a_resampled_position_table_follows_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    for capture, gm in _pruned_in_both_front_ends(InterpolatedPositions().eval(), x):
+        assert gm.embed.weight.shape[0] == gm.fc.weight.shape[0] == 8 and gm.pos.shape == (1, 16, 8), capture
+        assert gm(x).shape == (2, 3)

@@ -126,6 +126,7 @@ class _Analyzer:
         self.freezes: list[tuple[np.ndarray, str]] = []
         self.bindings: dict[tuple[str, int], np.ndarray] = {}
         self.pinned: dict[str, str] = {}
+        self.pinned_dims: dict[tuple[str, int], str] = {}  # one dim of a tensor left whole
         self.attr_rewrites: list[AttrRewrite] = []
         self.arg_rewrites: list[ArgRewrite] = []
         self.producers: dict[str, Chan] = {}
@@ -197,6 +198,10 @@ class _Analyzer:
 
     def pin(self, name: str, reason: str) -> None:
         self.pinned.setdefault(self.canon.get(name, name), reason)
+
+    def pin_dim(self, name: str, dim: int, reason: str) -> None:
+        """Dim ``dim`` of tensor ``name`` keeps its size (the rest of the tensor may be pruned)."""
+        self.pinned_dims.setdefault((self.canon.get(name, name), dim), reason)
 
     def freeze_info(self, info: Info, reason: str) -> None:
         if isinstance(info, Chan):
@@ -270,9 +275,11 @@ class _Analyzer:
     # --- finish ----------------------------------------------------------------------------
 
     def finish(self) -> Dependencies:
-        for (name, _dim), atoms in list(self.bindings.items()):
+        for (name, dim), atoms in list(self.bindings.items()):
             if name in self.pinned:
                 self.freeze(atoms, self.pinned[name])
+            elif (name, dim) in self.pinned_dims:
+                self.freeze(atoms, self.pinned_dims[name, dim])
         n = self.next_atom
         a = np.concatenate(self.pairs_a) if self.pairs_a else np.zeros(0, np.int64)
         b = np.concatenate(self.pairs_b) if self.pairs_b else np.zeros(0, np.int64)

@@ -101,8 +101,21 @@ def rule_spatial(an: _Analyzer, node: Node, *_: Any) -> Info:
     if isinstance(info, Chan):
         if info.axis == 1 and out is not None and len(out) > 1 and out[1] == len(info.atoms):
             return info
+    shape = an.shape(node.args[0])
+    if isinstance(info, ParamRef) and out is not None and shape is not None and len(out) == len(shape) > 1 and tuple(out[:2]) == tuple(shape[:2]):
+        # a parameter resampled (a position embedding interpolated to the input's grid): its
+        # axes 0 and 1 stay its dims, the resampled ones are no longer any of its dims
+        _freeze_param_dims(an, info, [info.axes[d] for d in range(2, len(shape)) if shape[d] > 1], f"{node.name}: parameter resampled")
+        return ParamRef(info.name, (*info.axes[:2], *[None] * (len(out) - 2)))
     an.freeze_info(info, f"{node.name}: pools over the channel axis")
     return None
+
+
+def _freeze_param_dims(an: _Analyzer, info: ParamRef, dims: list, reason: str) -> None:
+    """Leave dims of a parameter whole: a value derived from it no longer follows them."""
+    for dim in dims:
+        if dim is not None:
+            an.pin_dim(info.name, dim, reason)
 
 
 def rule_pad_module(an: _Analyzer, node: Node, m: nn.Module) -> Info:
@@ -700,6 +713,14 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
                 if isinstance(merged[d_out], int) and out_shape[d_out] > 1:
                     an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, merged[d_out]), int))
             return MergedParam(info.name, merged)
+        lost = [a for d, a in enumerate(info.axes) if a is not None and in_shape[d] > 1]
+        kept = _kept_axes(in_shape, out_shape, tuple(a if _kept_axes(in_shape, out_shape, _only(info.axes, d)) else None for d, a in enumerate(info.axes)))
+        if kept is not None and any(a is not None for a in kept):  # a position table's tokens reshaped to a grid: those dims stay whole
+            _freeze_param_dims(an, info, [a for a in lost if a not in kept], f"{node.name}: parameter dim reshaped")
+            for d_out, path in (literal or {}).items():
+                if kept[d_out] is not None and out_shape[d_out] > 1:
+                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, kept[d_out]), int))
+            return ParamRef(info.name, kept)
         an.pin(info.name, f"{node.name}: parameter reshaped")
         return None
     if isinstance(info, MergedParam):  # back to the parameter's own shape (`reshape_as(weight)`)
@@ -746,6 +767,11 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
                 atoms = counted[axis]
                 an.arg_rewrites.append(ArgRewrite(node.name, path, atoms, int))
     return chan
+
+
+def _only(axes: tuple, d: int) -> tuple:
+    """``axes`` with every entry but ``d`` set to None."""
+    return tuple(a if i == d else None for i, a in enumerate(axes))
 
 
 def _kept_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple | None:
