@@ -490,3 +490,28 @@ def test_a_resampled_position_table_follows_the_channels():
     for capture, gm in _pruned_in_both_front_ends(InterpolatedPositions().eval(), x):
         assert gm.embed.weight.shape[0] == gm.fc.weight.shape[0] == 8 and gm.pos.shape == (1, 16, 8), capture
         assert gm(x).shape == (2, 3)
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's shifted windows: ``torch.roll`` over the spatial axes of a (B, H, W, C) map, and
+    back; a roll over the channel axis mixes the channels and is left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc, self.mix, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x):  # (B, 4, 4, 8)
+        x = self.inp(x)
+        y = torch.roll(x, shifts=(-1, -1), dims=(1, 2))
+        x = x + torch.roll(torch.relu(self.fc(y)), shifts=(1, 1), dims=(1, 2))
+        return self.head(self.mix(x).roll(1, -1)).mean((1, 2))
+
+
+def test_roll_over_spatial_axes_keeps_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 8)
+    result = qcd_fx.transform(ShiftedWindows().eval(), "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture="fx")
+    gm = result.graph_module
+    assert gm.inp.weight.shape[0] == gm.fc.weight.shape[0] == 8 and gm.mix.weight.shape == (12, 8), result.report.notes()
+    assert any("rolls the channels" in n for n in result.report.notes()), result.report.notes()
+    assert gm(x).shape == (2, 3)

@@ -1079,6 +1079,20 @@ def rule_repeat_interleave(an: _Analyzer, node: Node) -> Info:
     return None
 
 
+def rule_roll(an: _Analyzer, node: Node) -> Info:
+    """``torch.roll(x, shifts, dims)``: a cyclic shift (Swin's shifted windows); channels on an axis
+    it does not shift pass through, a shift across them or of the flattened tensor mixes them."""
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    dims = [dims] if isinstance(dims, int) else dims
+    if isinstance(info, Chan) and shape is not None and isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) for d in dims):
+        if info.axis not in [_norm_axis(d, len(shape)) for d in dims]:
+            return Chan(info.axis, info.atoms)
+    an.freeze_info(info, f"{node.name}: rolls the channels")
+    return None
+
+
 def rule_cat(an: _Analyzer, node: Node) -> Info:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
