@@ -515,3 +515,31 @@ def test_roll_over_spatial_axes_keeps_the_channels():
     assert gm.inp.weight.shape[0] == gm.fc.weight.shape[0] == 8 and gm.mix.weight.shape == (12, 8), result.report.notes()
     assert any("rolls the channels" in n for n in result.report.notes()), result.report.notes()
     assert gm(x).shape == (2, 3)
+
+
+class FactorisedPositions(nn.Module):
+    """Position terms built from parameters alone: a factorised table (NaFlexViT: rows resampled
+    to the grid with a 1-D interpolation, broadcast against columns and flattened) and a
+    projection of a fixed grid repeated over the batch with a computed count (XCiT's
+    ``pos.repeat(B, 1, 1)``). Their channel dims follow the residual stream."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed, self.proj, self.fc, self.head = nn.Conv2d(3, dim, 2, stride=2), nn.Conv2d(4, dim, 1), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.pos_y, self.pos_x = nn.Parameter(torch.randn(1, 8, dim)), nn.Parameter(torch.randn(1, 4, dim))
+        self.register_buffer("grid", torch.randn(1, 4, 4, 4))
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, dim)
+        rows = F.interpolate(self.pos_y.permute(0, 2, 1), size=4, mode="linear", align_corners=False).permute(0, 2, 1)
+        t = t + (rows[:, :, None] + self.pos_x[:, None, :]).flatten(1, 2)
+        t = t + self.proj(self.grid).flatten(2).transpose(1, 2).repeat(x.shape[0], 1, 1)
+        return self.head(t + torch.relu(self.fc(t))).mean(1)
+
+
+def test_position_terms_built_from_parameters_follow_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for capture, gm in _pruned_in_both_front_ends(FactorisedPositions().eval(), x):
+        assert gm.embed.weight.shape[0] == gm.proj.weight.shape[0] == 8 and gm.pos_y.shape == (1, 8, 8) and gm.pos_x.shape == (1, 4, 8), capture
+        assert gm(x).shape == (2, 3)

@@ -54,6 +54,9 @@ def _combine(an: _Analyzer, node: Node, operands: Sequence[Any], out_shape: tupl
     if not chans:
         if len(params) == 1 and len(others) == 1 and others[0][1] == out_shape:
             return params[0]  # a parameter scaled by a number keeps its identity
+        shared = _shared_param_axis(an, operands, params, out_shape)
+        if shared is not None:
+            return shared
         for p in params:
             an.pin(p.name, f"{node.name}: parameter combined with untracked values")
         return None
@@ -75,6 +78,34 @@ def _combine(an: _Analyzer, node: Node, operands: Sequence[Any], out_shape: tupl
             an.bind(info.name, info.axes[own], atoms)
         else:
             an.freeze(atoms, f"{node.name}: combined with a tensor whose channels are not tracked")
+    return Chan(axis, atoms)
+
+
+def _shared_param_axis(an: _Analyzer, operands: Sequence[Any], params: list, out_shape: tuple[int, ...]) -> Info:
+    """Parameters broadcast together (a factorised position embedding: ``pos_y[:, :, None] +
+    pos_x[:, None, :]``) with one output axis that is a dim of every one of them: that axis
+    carries channels (every parameter's dim bound to them); their other dims stay whole. None
+    when some operand is not a parameter or no single axis is shared."""
+    nodes = [op for op in operands if isinstance(op, Node)]
+    if len(params) < 2 or len(params) != len(nodes):
+        return None
+    rank = len(out_shape)
+    aligned = []
+    for op, p in zip(nodes, params):
+        shape = an.shape(op)
+        if shape is None:
+            return None
+        aligned.append([None] * (rank - len(shape)) + [a if s > 1 else None for a, s in zip(p.axes, shape)])
+    axes = [d for d in range(rank) if out_shape[d] > 1 and all(al[d] is not None for al in aligned)]
+    if len(axes) != 1:
+        return None
+    axis = axes[0]
+    atoms = an.param_atoms(params[0].name, aligned[0][axis], f"{params[0].name} (channels)")
+    for p, al in zip(params, aligned):
+        an.bind(p.name, al[axis], atoms)
+        for d, dim in enumerate(al):
+            if dim is not None and d != axis:
+                an.pin_dim(p.name, dim, "parameter dim broadcast against another parameter")
     return Chan(axis, atoms)
 
 
@@ -1049,14 +1080,18 @@ def rule_repeat(an: _Analyzer, node: Node) -> Info:
     info = an.of(node.args[0])
     in_shape = an.shape(node.args[0])
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    if in_shape is None or not all(isinstance(k, int) for k in sizes):
+    if in_shape is None or not isinstance(sizes, (list, tuple)):
         raise _Unsupported("repeat with computed sizes")
     offset = len(sizes) - len(in_shape)
     if isinstance(info, Chan):
         axis = info.axis + offset
         k = sizes[axis]
+        if not isinstance(k, int):  # a count computed at run time elsewhere (XCiT's pos.repeat(B, 1, 1, 1)) is fine
+            raise _Unsupported("repeat along the channel axis with a computed count")
         return Chan(axis, info.atoms if k == 1 else np.tile(info.atoms, k))
     if isinstance(info, ParamRef):
+        if all(sizes[d + offset] == 1 for d, a in enumerate(info.axes) if a is not None and in_shape[d] > 1):
+            return ParamRef(info.name, (None,) * offset + tuple(info.axes))
         an.pin(info.name, f"{node.name}: parameter repeated")
     return None
 
