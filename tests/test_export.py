@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import leftovers, one_line_error, run
 from torch import nn
 
@@ -594,3 +595,27 @@ def test_zoo_exports_after_qci_csc(name, tmp_path, record_property):
         if ZOO_RESULTS:
             with open(ZOO_RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+class WindowAttention5d(nn.Module):
+    """Attention with windows as an extra batch axis, (B, windows, heads, N, d) -- timm's Hiera,
+    NesT, Twins, SAM's ViT: torch's ONNX library takes 4-D attention only; the export merges the
+    leading axes around it and keeps the batch axis dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):  # (B, 4 windows, 6 tokens, 8)
+        b, w, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, w, n, 3, 2, 4).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, w, n, c)
+        return self.proj(y)
+
+
+def test_attention_over_five_axes_exports_with_a_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    gm = qcd_fx.trace(WindowAttention5d().eval())
+    report = export_onnx(gm, (torch.randn(2, 4, 6, 8),), str(tmp_path / "w.onnx"))
+    assert report.ok and report.exporter == "dynamo" and report.dynamic_batch, report
+    assert [p.inputs for p in report.parity][:2] == ["example", "batch 3"]

@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 import time
+import typing
 from collections.abc import Iterator
 
 import torch
@@ -89,13 +90,61 @@ def _grouped_mm_onnx():
             start = end
         return op.Concat(*parts, axis=0) if len(parts) > 1 else parts[0]
 
-    return grouped_mm
+    return _typed(grouped_mm, INT64=INT64, TReal=TReal)
+
+
+def _sdpa_onnx():
+    """ONNX for ``scaled_dot_product_attention`` on inputs of any rank: torch's library takes
+    (batch, heads, length, dim) only; a 5-D attention (timm's Hiera, NesT, Twins, SAM's ViT:
+    windows or blocks as an extra batch axis) is reshaped to 4-D around it, leading axes merged.
+    4-D inputs go to torch's own translation unchanged."""
+    from typing import Optional  # noqa: UP035 - torch's ONNX registry reads Optional[...], as torch's library spells it
+
+    from onnxscript import ir
+    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+    from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
+    from onnxscript.onnx_opset import opset18 as op
+    from onnxscript.onnx_types import TensorType
+
+    def sdpa(
+        query: TFloat,
+        key: TFloat,
+        value: TFloat,
+        attn_mask: Optional[TensorType] = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: Optional[float] = None,
+        enable_gqa: bool = False,
+    ) -> TFloat:  # fmt: skip  (torch's own signature: the registry reads these annotations)
+        ranks = {len(query.shape), len(key.shape), len(value.shape)}
+        if ranks == {4}:
+            return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if len(ranks) != 1 or min(ranks) < 4 or attn_mask is not None:
+            raise ValueError("scaled_dot_product_attention: inputs of one rank above 4 without a mask only")
+        minus_one = op.Constant(value_ints=[-1])
+
+        def four_d(t):
+            merged = op.Reshape(t, op.Concat(minus_one, op.Shape(t, start=-3), axis=0))
+            merged.shape = ir.Shape([None, *list(t.shape)[-3:]])  # torch's translation reads the rank
+            return merged
+
+        out = aten_scaled_dot_product_attention(four_d(query), four_d(key), four_d(value), None, dropout_p, is_causal, scale, enable_gqa)
+        return op.Reshape(out, op.Concat(op.Shape(query, end=-1), op.Shape(value, start=-1), axis=0))
+
+    return _typed(sdpa, TFloat=TFloat, TensorType=TensorType, Optional=Optional)
+
+
+def _typed(fn, **names):
+    """``fn`` with its annotations resolved (this module's are strings): torch's ONNX registry
+    reads them for the function's signature."""
+    fn.__annotations__ = typing.get_type_hints(fn, localns=names)
+    return fn
 
 
 def _translations() -> dict:
     """Custom ONNX translations for ops torch's library lacks (registered custom ops included,
-    when their library is loaded)."""
-    table = {}
+    when their library is loaded) or takes in fewer shapes than PyTorch."""
+    table = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_onnx()}
     fn = None
     for get in (lambda: torch.ops.transformers.grouped_mm_fallback.default, lambda: torch.ops.aten._grouped_mm.default):
         try:
