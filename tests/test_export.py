@@ -613,9 +613,25 @@ class WindowAttention5d(nn.Module):
         return self.proj(y)
 
 
-def test_attention_over_five_axes_exports_with_a_dynamic_batch(tmp_path):
+class MergedHeadsAttention(nn.Module):
+    """SAM's ViT: batch and heads merged, (B * heads, N, d), with a float position-bias mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x):  # (B, 6 tokens, 8)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, n, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.expand(b * 2, n, n))
+        return self.proj(y.reshape(b, 2, n, 4).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("model, shape", [(WindowAttention5d, (2, 4, 6, 8)), (MergedHeadsAttention, (2, 6, 8))], ids=["5d", "3d-mask"])
+def test_attention_of_other_ranks_exports_with_a_dynamic_batch(tmp_path, model, shape):
     torch.manual_seed(0)
-    gm = qcd_fx.trace(WindowAttention5d().eval())
-    report = export_onnx(gm, (torch.randn(2, 4, 6, 8),), str(tmp_path / "w.onnx"))
+    gm = qcd_fx.trace(model().eval())
+    report = export_onnx(gm, (torch.randn(*shape),), str(tmp_path / "w.onnx"))
     assert report.ok and report.exporter == "dynamo" and report.dynamic_batch, report
     assert [p.inputs for p in report.parity][:2] == ["example", "batch 3"]

@@ -94,9 +94,10 @@ def _grouped_mm_onnx():
 
 
 def _sdpa_onnx():
-    """ONNX for ``scaled_dot_product_attention`` on inputs of any rank: torch's library takes
-    (batch, heads, length, dim) only; a 5-D attention (timm's Hiera, NesT, Twins, SAM's ViT:
-    windows or blocks as an extra batch axis) is reshaped to 4-D around it, leading axes merged.
+    """ONNX for ``scaled_dot_product_attention`` on inputs of other ranks than torch's library
+    takes, (batch, heads, length, dim): a 5-D attention (timm's Hiera, NesT, Twins: windows or
+    blocks as an extra batch axis) is reshaped to 4-D around it, leading axes merged; a 3-D one
+    (SAM's ViT, batch and heads merged, with its position-bias mask) gets a unit axis in front.
     4-D inputs go to torch's own translation unchanged."""
     from typing import Optional  # noqa: UP035 - torch's ONNX registry reads Optional[...], as torch's library spells it
 
@@ -119,8 +120,19 @@ def _sdpa_onnx():
         ranks = {len(query.shape), len(key.shape), len(value.shape)}
         if ranks == {4}:
             return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if ranks == {3}:  # (batch * heads, length, dim), SAM's ViT: a unit heads axis in front
+            zero = op.Constant(value_ints=[0])
+
+            def lift(t):
+                lifted = op.Unsqueeze(t, zero)
+                lifted.shape = ir.Shape([1, *list(t.shape)])
+                return lifted
+
+            mask = lift(attn_mask) if attn_mask is not None and len(attn_mask.shape) == 3 else attn_mask
+            out = aten_scaled_dot_product_attention(lift(query), lift(key), lift(value), mask, dropout_p, is_causal, scale, enable_gqa)
+            return op.Squeeze(out, zero)
         if len(ranks) != 1 or min(ranks) < 4 or attn_mask is not None:
-            raise ValueError("scaled_dot_product_attention: inputs of one rank above 4 without a mask only")
+            raise ValueError("scaled_dot_product_attention: 3-D inputs, or inputs of one rank above 4 without a mask")
         minus_one = op.Constant(value_ints=[-1])
 
         def four_d(t):
