@@ -34,7 +34,19 @@ def load(name: str) -> dict:
 
 J = {
     name: load(name)
-    for name in ("transform_cost", "load_time", "onnx_export", "prune", "optimizers", "global_opt", "timm_sweep", "hf_sweep", "compiled", "compress", "distributed")
+    for name in (
+        "transform_cost",
+        "load_time",
+        "onnx_export",
+        "prune",
+        "optimizers",
+        "global_opt",
+        "timm_sweep",
+        "hf_sweep",
+        "compiled",
+        "compress",
+        "distributed",
+    )
 }
 
 
@@ -509,16 +521,44 @@ def global_claims(d: dict) -> list:
 
 def timm_claims(d: dict) -> list:
     s = d["summary"]
+    both = [r for r in d["rows"] if r["qcd"].get("prune", {}).get("ok") and r["tp"].get("ok")]
     return [
-        ("covers {} families so far", [s["families"]]),
-        ("Of these, {} trace with fx, {} prune to a valid model", [s["traced"], s["pruned_valid"]]),
+        ("the smallest model of each of timm's {} architecture families", [s["families"]]),
+        ("All {} build and are captured, {} of them by `torch.export`", [s["built"], s["traced_by_export"]]),
+        ("`qci` at identity is exact on {}; {} prune to a valid model", [s["qci_exact"], s["pruned_valid"]]),
         ("{} of them by at least {}x in MACs, and {} of the pruned models export", [s["floor"], d["meta"]["floor"], s["onnx_ok"]]),
-        ("Torch-Pruning's model runs for {}.", [s["tp_runs"]]),
+        ("Torch-Pruning's pruned model runs for {}.", [s["tp_runs"]]),
         (
-            "Median MACs reduction on the {} families both prune: {}x (qcd-fx) and {}x (Torch-Pruning)",
-            [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"]],
+            "Median MACs reduction on the {} families both prune: {}x (qcd-fx) and {}x (Torch-Pruning); over every valid qcd-fx result {}x",
+            [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"], s["median_macs_ratio_qcd"]],
+        ),
+        (
+            "takes a median {} s (Torch-Pruning's dependency graph and step: {} s) and is the faster of the two on {} of the {}",
+            [s["median_prune_pass_s_qcd"], s["median_prune_s_tp"], sum(r["qcd"]["prune"]["pass_s"] <= r["tp"]["prune_s"] for r in both), len(both)],
         ),
     ]
+
+
+def test_timm_text_names_every_family_where_qcd_fx_falls_short():
+    """The README's lists of timm families that are not pruned, pruned below the floor, below
+    Torch-Pruning or slower than it are exactly the JSON's."""
+    d = J["timm_sweep"]
+    s, rows, floor = d["summary"], d["rows"], d["meta"]["floor"]
+
+    def bullet(start: str) -> str:
+        return re.search(rf"- {re.escape(start)}(.*?)(?= - [A-Z]|$)", TEXT).group(1)
+
+    def explained(start: str) -> set[str]:  # `family` (why)
+        return set(re.findall(r"`(\w+)` \(", bullet(start)))
+
+    def listed(start: str) -> set[str]:  # `a`, `b` — why
+        return set(re.findall(r"`(\w+)`", bullet(start).split("—")[0]))
+
+    pruned = [r for r in rows if r["qcd"].get("prune", {}).get("ok")]
+    assert explained("Not pruned:") == {r["family"] for r in rows if not r["qcd"].get("prune", {}).get("ok")}
+    assert explained("Pruned by less than") == {r["family"] for r in pruned if r["qcd"]["prune"]["macs_ratio"] < floor}
+    assert listed("More than 5 % fewer MACs removed than Torch-Pruning:") == set(s["qcd_below_tp_by_5pct"])
+    assert listed("A slower pass than Torch-Pruning's:") == set(s["pass_slower_than_tp"])
 
 
 def hf_claims(d: dict) -> list:
@@ -530,10 +570,16 @@ def hf_claims(d: dict) -> list:
         ("{} of them build from a small config and run on one input", [s["built"]]),
         ("`torch.export` captures {} of these ({} exactly)", [s["captured"], s["capture_exact"]]),
         ("identity `qci` is exact on {}", [s["qci_exact"]]),
-        ("gives a valid model on {}, {} of them with at least {}x fewer MACs and {} with at least {}x fewer linear-layer MACs", [s["pruned_valid"], s["floor"], d["meta"]["floor"], s["linear_floor"], d["meta"]["floor"]]),
+        (
+            "gives a valid model on {}, {} of them with at least {}x fewer MACs and {} with at least {}x fewer linear-layer MACs",
+            [s["pruned_valid"], s["floor"], d["meta"]["floor"], s["linear_floor"], d["meta"]["floor"]],
+        ),
         ("{} export to ONNX with onnxruntime parity", [s["onnx_ok"]]),
         ("Median reduction: {}x in MACs, {}x in linear-layer MACs", [s["median_macs_ratio_qcd"], s["median_linear_macs_ratio_qcd"]]),
-        ("The failing steps: capture {}, `qci` {}, pruning {}, ONNX {}", [fails.get("capture", 0), fails.get("qci", 0), fails.get("prune", 0), fails.get("onnx", 0)]),
+        (
+            "The failing steps: capture {}, `qci` {}, pruning {}, ONNX {}",
+            [fails.get("capture", 0), fails.get("qci", 0), fails.get("prune", 0), fails.get("onnx", 0)],
+        ),
         ("Mixtral {}, Qwen2-MoE {}, gpt-oss {}, GraniteMoE {}, OLMoE {}", [rows[m]["qcd"]["prune"]["linear_macs_ratio"] for m in moe]),
     ]
 
