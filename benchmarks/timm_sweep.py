@@ -57,7 +57,7 @@ with ``meta.complete = false`` until the sweep ends; ``--resume`` keeps the rows
 children single-threaded; rows are written in selection order).
 
     python benchmarks/timm_sweep.py                          # every family (~1-2 h on 2 busy cores)
-    python benchmarks/timm_sweep.py --jobs 2                 # two models at a time (~1 h on 2 cores)
+    python benchmarks/timm_sweep.py --jobs 2                 # two models at a time (98 families: ~35 min on 2 cores)
     python benchmarks/timm_sweep.py --resume                 # continue an interrupted sweep
     python benchmarks/timm_sweep.py --resume --redo beit,eva # ... measuring these families again
     python benchmarks/timm_sweep.py --models resnet10t,vit_tiny_patch16_224 --out /tmp/ts
@@ -792,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["git_commit"] = old.get("meta", {}).get("git_commit") or meta["git_commit"]  # the rows' commit; redone ones below
         meta["redone"] = dict(old.get("meta", {}).get("redone", {}))
         meta["resumed_from"] = old.get("meta", {}).get("command")
+        meta["commands"] = [*old.get("meta", {}).get("commands", [old.get("meta", {}).get("command")]), meta["command"]]  # every run behind the rows
         meta["elapsed_before_resume_s"] = old.get("meta", {}).get("elapsed_s", 0.0) + old.get("meta", {}).get("elapsed_before_resume_s", 0.0)
     print(HEADER, flush=True)
     for _, name in chosen:

@@ -543,3 +543,28 @@ def test_position_terms_built_from_parameters_follow_the_channels():
     for capture, gm in _pruned_in_both_front_ends(FactorisedPositions().eval(), x):
         assert gm.embed.weight.shape[0] == gm.proj.weight.shape[0] == 8 and gm.pos_y.shape == (1, 8, 8) and gm.pos_x.shape == (1, 4, 8), capture
         assert gm(x).shape == (2, 3)
+
+
+class NormsAndLikes(nn.Module):
+    """ConvNeXt-V2's GRN through ``torch.linalg.vector_norm`` (``aten.linalg_vector_norm`` once
+    exported), a zero tensor shaped like the activations (``zeros_like``) and ``masked_fill_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(1, 16, 1, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        g = torch.linalg.vector_norm(y, ord=2, dim=(2, 3), keepdim=True)
+        y = y + self.gamma * (y * (g / (g.mean(dim=1, keepdim=True) + 1e-6)))
+        y = y + torch.zeros_like(y).masked_fill_(y < 0, 1.0)
+        return self.c2(y)
+
+
+def test_vector_norms_and_tensors_shaped_like_the_activations_keep_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    for capture, gm in _pruned_in_both_front_ends(NormsAndLikes().eval(), x):
+        assert gm.c1.weight.shape[0] == gm.gamma.shape[1] == gm.c2.weight.shape[1] == 8, capture
+        assert gm(x).shape == (2, 4, 6, 6)

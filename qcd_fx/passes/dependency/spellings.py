@@ -84,7 +84,8 @@ ELEMENTWISE_NAMES = frozenset(
     feature_alpha_dropout alias dropout1d dropout2d dropout3d erf square reciprocal sin cos float half double
     to type_as contiguous clone detach masked_fill logit addcmul addcdiv lerp maximum minimum fmod remainder
     sign floor ceil round trunc frac expm1 log1p log2 log10 sinh cosh nan_to_num exp_ sqrt_ neg_ mul__ copysign
-    hardshrink softshrink tanhshrink softsign threshold glu_ relu6_ gelu_""".split()
+    hardshrink softshrink tanhshrink softsign threshold glu_ relu6_ gelu_ multiply masked_fill_ zeros_like ones_like
+    empty_like full_like""".split()
 )
 
 MODULE_RULES: dict[type, Callable] = {}
@@ -265,6 +266,7 @@ def _aten_table() -> dict[Any, Callable]:
         rule_einsum: ["einsum"],
         rule_reduce: ["mean", "sum", "amax", "amin"],
         rule_logsumexp: ["logsumexp"],
+        rule_norm: ["linalg_vector_norm"],
         rule_topk: ["topk"],
         rule_grouped_mm: ["_grouped_mm"],
         rule_softmax: ["softmax", "_softmax", "log_softmax", "_log_softmax"],
