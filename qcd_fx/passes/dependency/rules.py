@@ -136,13 +136,13 @@ def rule_spatial(an: _Analyzer, node: Node, *_: Any) -> Info:
     if isinstance(info, ParamRef) and out is not None and shape is not None and len(out) == len(shape) > 1 and tuple(out[:2]) == tuple(shape[:2]):
         # a parameter resampled (a position embedding interpolated to the input's grid): its
         # axes 0 and 1 stay its dims, the resampled ones are no longer any of its dims
-        _freeze_param_dims(an, info, [info.axes[d] for d in range(2, len(shape)) if shape[d] > 1], f"{node.name}: parameter resampled")
+        _pin_param_dims(an, info, [info.axes[d] for d in range(2, len(shape)) if shape[d] > 1], f"{node.name}: parameter resampled")
         return ParamRef(info.name, (*info.axes[:2], *[None] * (len(out) - 2)))
     an.freeze_info(info, f"{node.name}: pools over the channel axis")
     return None
 
 
-def _freeze_param_dims(an: _Analyzer, info: ParamRef, dims: list, reason: str) -> None:
+def _pin_param_dims(an: _Analyzer, info: ParamRef, dims: list, reason: str) -> None:
     """Leave dims of a parameter whole: a value derived from it no longer follows them."""
     for dim in dims:
         if dim is not None:
@@ -725,32 +725,22 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
             axes: list[int | None] = [None] * len(out_shape)
             for (d_in, _), d_out in zip(squeezed_in, squeezed_out):
                 axes[d_out] = info.axes[d_in]
-            for d_out, path in (literal or {}).items():  # `scale.view(64, 1, 1)`: the 64 follows the parameter's width
-                if axes[d_out] is not None and out_shape[d_out] > 1:
-                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, axes[d_out]), int))
+            _param_literals(an, node, info, axes, literal, out_shape)  # `scale.view(64, 1, 1)`: the 64 follows the parameter's width
             full = tuple(an.tensors[an.canon.get(info.name, info.name)].shape)
             if tuple(out_shape) == full and all(a is None or a == d for d, a in enumerate(axes)):
                 return ParamRef(info.name, tuple(range(len(full))))  # back to its own shape (a 1x1 conv's size-1 dims)
             return ParamRef(info.name, tuple(axes))
-        kept = _kept_axes(in_shape, out_shape, info.axes)
-        if kept is not None:  # a gathered table's rows reshaped (relative position biases): its own dims stay whole
-            for d_out, path in (literal or {}).items():
-                if kept[d_out] is not None and out_shape[d_out] > 1:
-                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, kept[d_out]), int))
+        kept, lost = _kept_axes(in_shape, out_shape, info.axes)
+        if not lost:  # a gathered table's rows reshaped (relative position biases): its own dims stay whole
+            _param_literals(an, node, info, kept, literal, out_shape)
             return ParamRef(info.name, kept)
         merged = _merged_axes(in_shape, out_shape, info.axes)
         if merged is not None and not any(isinstance(merged[d], tuple) for d in (literal or {})):
-            for d_out, path in (literal or {}).items():
-                if isinstance(merged[d_out], int) and out_shape[d_out] > 1:
-                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, merged[d_out]), int))
+            _param_literals(an, node, info, [a if isinstance(a, int) else None for a in merged], literal, out_shape)
             return MergedParam(info.name, merged)
-        lost = [a for d, a in enumerate(info.axes) if a is not None and in_shape[d] > 1]
-        kept = _kept_axes(in_shape, out_shape, tuple(a if _kept_axes(in_shape, out_shape, _only(info.axes, d)) else None for d, a in enumerate(info.axes)))
-        if kept is not None and any(a is not None for a in kept):  # a position table's tokens reshaped to a grid: those dims stay whole
-            _freeze_param_dims(an, info, [a for a in lost if a not in kept], f"{node.name}: parameter dim reshaped")
-            for d_out, path in (literal or {}).items():
-                if kept[d_out] is not None and out_shape[d_out] > 1:
-                    an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, kept[d_out]), int))
+        if any(a is not None for a in kept):  # a position table's tokens reshaped to a grid: the dims it loses stay whole
+            _pin_param_dims(an, info, lost, f"{node.name}: parameter dim reshaped")
+            _param_literals(an, node, info, kept, literal, out_shape)
             return ParamRef(info.name, kept)
         an.pin(info.name, f"{node.name}: parameter reshaped")
         return None
@@ -800,26 +790,31 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
     return chan
 
 
-def _only(axes: tuple, d: int) -> tuple:
-    """``axes`` with every entry but ``d`` set to None."""
-    return tuple(a if i == d else None for i, a in enumerate(axes))
+def _param_literals(an: _Analyzer, node: Node, info: ParamRef, axes: Sequence, literal: dict | None, out_shape: tuple[int, ...]) -> None:
+    """A literal size in a parameter's reshape on an axis that is one of its dims (``axes[i]``)
+    follows that dim's pruned width."""
+    for d_out, path in (literal or {}).items():
+        if axes[d_out] is not None and out_shape[d_out] > 1:
+            an.arg_rewrites.append(ArgRewrite(node.name, path, an.param_atoms(info.name, axes[d_out]), int))
 
 
-def _kept_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple | None:
-    """The axes of a parameter-derived value after a reshape that keeps each of its parameter dims
+def _kept_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple[tuple, list]:
+    """The axes of a parameter-derived value after a reshape, for the parameter dims it keeps
     whole (row-major: an out axis of the same size with the same number of elements before it)
-    while the axes that are no parameter dim (rows gathered by an index) split or merge; None
-    when a parameter dim does not come through whole."""
+    while the axes that are no parameter dim (rows gathered by an index) split or merge; and the
+    parameter dims that do not come through whole."""
     out: list[int | None] = [None] * len(out_shape)
+    lost = []
     for d, a in enumerate(axes):
         if a is None or in_shape[d] == 1:
             continue
         before = math.prod(in_shape[:d])
         e = next((e for e, size in enumerate(out_shape) if size == in_shape[d] and math.prod(out_shape[:e]) == before), None)
         if e is None:
-            return None
-        out[e] = a
-    return tuple(out)
+            lost.append(a)
+        else:
+            out[e] = a
+    return tuple(out), lost
 
 
 def _merged_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple) -> tuple | None:
