@@ -600,8 +600,20 @@ def _search_latency(
 
 
 def _output_shapes(gm: GraphModule, inputs: tuple) -> list[tuple[int, ...]]:
+    """The shapes of ``gm``'s outputs on ``inputs``, from its generated code (no interpreter: on
+    small models the interpreter's per-node cost was most of the pass's time)."""
     with eval_no_grad(gm):
-        return [tuple(t.shape) for t in tensor_leaves(Runner(gm).run(*inputs))]
+        return [tuple(t.shape) for t in tensor_leaves(gm(*inputs))]
+
+
+def _failing_node(gm: GraphModule, inputs: tuple) -> str | None:
+    """The node that raises when ``gm`` runs on ``inputs`` (None if the interpreter runs it)."""
+    try:
+        with eval_no_grad(gm):
+            Runner(gm).run(*inputs)
+    except Exception as e:
+        return getattr(e, "qcd_node", None)
+    return None
 
 
 def _failure(gm: GraphModule, inputs: tuple, shapes: list[tuple[int, ...]]) -> tuple[str | None, str] | None:
@@ -609,7 +621,7 @@ def _failure(gm: GraphModule, inputs: tuple, shapes: list[tuple[int, ...]]) -> t
     try:
         got = _output_shapes(gm, inputs)
     except Exception as e:
-        return getattr(e, "qcd_node", None), f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        return _failing_node(gm, inputs), f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
     if got != shapes:
         return "output", "an output changed shape"
     return None
@@ -630,7 +642,7 @@ def _apply_checked(
         failed = _failure(gm, inputs, shapes) if shapes is not None else None
         if failed is None:
             return widths, removed
-        _undo(gm, undo)
+        _undo(undo)
         node_name, message = failed
         nodes = {n.name: n for n in gm.graph.nodes}
         units = deps.units_at(nodes[node_name]) if node_name in nodes else np.zeros(0, np.int64)
@@ -661,7 +673,7 @@ def _failing_group(gm: GraphModule, deps: Dependencies, removed: np.ndarray, inp
         try:
             return _failure(gm, inputs, shapes) is not None
         finally:
-            _undo(gm, undo)
+            _undo(undo)
 
     candidates = [g for g in deps.groups if np.isin(g.units, removed).any()]
     while len(candidates) > 1:
@@ -675,10 +687,9 @@ def _failing_group(gm: GraphModule, deps: Dependencies, removed: np.ndarray, inp
     return candidates[0] if candidates else None
 
 
-def _undo(gm: GraphModule, undo: list) -> None:
+def _undo(undo: list) -> None:
     for restore in reversed(undo):
         restore()
-    gm.recompile()
 
 
 def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray, undo: list | None = None) -> dict[str, tuple[int, int]]:
@@ -694,9 +705,10 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
         mask = keep[atoms]
         if not mask.all():
             per_tensor.setdefault(name, {})[dim] = torch.from_numpy(np.nonzero(mask)[0])
+    modules = dict(gm.named_modules(remove_duplicate=False)) if per_tensor else {}
     for name, dims in per_tensor.items():
         aliases = deps.aliases.get(name, [name])
-        owner, attr = _owner(gm, aliases[0])
+        owner, attr = _owner(modules, aliases[0])
         old = getattr(owner, attr)
         new = old.detach()
         if sorted(dims) == [0, 1]:  # Linear/Conv weights: one gather reads only the kept block (~40 % faster)
@@ -707,7 +719,7 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for alias in aliases:
-            mod, a = _owner(gm, alias)
+            mod, a = _owner(modules, alias)
             if a in mod._parameters:
                 store = mod._parameters
             elif a in mod._buffers:
@@ -729,16 +741,18 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
             node.kwargs = {**node.kwargs, rw.path[0]: value}
         else:
             node.args = _set_path(node.args, rw.path, value)
-    gm.recompile()
+    if deps.arg_rewrites:  # the generated code holds the literals (weights are read by name: no recompile for them)
+        gm.recompile()
+        undo.insert(0, gm.recompile)  # undone last: the code of the restored graph
     fams = deps.family_of[1:]
     before = np.bincount(fams, minlength=len(deps.families))
     after = np.bincount(fams, weights=keep[1:].astype(np.float64), minlength=len(deps.families)).astype(np.int64)
     return {label: (int(b), int(a)) for label, b, a in zip(deps.families, before, after) if a != b}
 
 
-def _owner(gm: GraphModule, qualname: str) -> tuple[nn.Module, str]:
+def _owner(modules: dict[str, nn.Module], qualname: str) -> tuple[nn.Module, str]:
     path, _, attr = qualname.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), attr
+    return modules[path], attr
 
 
 def _set_path(args: Any, path: tuple[int, ...], value: Any) -> Any:
