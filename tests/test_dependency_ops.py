@@ -363,3 +363,59 @@ def test_expand_as_ties_both_sides_and_repeat_tiles_the_channels():
     exported = qcd_fx.transform(model, "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=(x,), capture="export")
     assert exported.report.passes[0].stats["skip_reasons"] == OUTPUT_ONLY
     assert exported.graph_module(x).shape == (3, 4)
+
+
+# --- recurrent layers -------------------------------------------------------------------------
+
+
+class Recurrent(nn.Module):
+    """Sequencer's block: a bidirectional LSTM over the rows of a (B, H, W, C) map and another
+    over its columns, concatenated and projected; then a GRU whose last state is the summary."""
+
+    def __init__(self, cell="lstm"):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.rows = nn.LSTM(16, 8, batch_first=True, bidirectional=True)
+        self.cols = nn.LSTM(16, 8, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(32, 16)
+        self.gru = nn.GRU(16, 12, batch_first=True)
+        self.head = nn.Linear(12 + 16, 3)
+
+    def forward(self, x):  # (B, H, W, 6)
+        B, H, W, _ = x.shape
+        x = self.inp(x)
+        C = x.shape[-1]
+        v, _ = self.rows(x.permute(0, 2, 1, 3).reshape(-1, H, C))
+        v = v.reshape(B, W, H, -1).permute(0, 2, 1, 3)
+        h, _ = self.cols(x.reshape(-1, W, C))
+        x = x + self.fc(torch.cat([v, h.reshape(B, H, W, -1)], dim=-1))
+        seq, state = self.gru(x.reshape(B, H * W, C))
+        return self.head(torch.cat([state[0] + seq.mean(1), x.mean((1, 2))], dim=-1))
+
+
+def test_recurrent_layers_prune_hidden_units_and_inputs_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 6)
+    gm = assert_prunes_exactly(Recurrent(), x)
+    assert (gm.rows.hidden_size, gm.rows.input_size, gm.gru.hidden_size, gm.gru.input_size) == (4, 8, 6, 8)
+    assert gm.rows.weight_ih_l0_reverse.shape == (16, 8) and gm.rows.weight_hh_l0.shape == (16, 4) and gm.fc.weight.shape == (8, 16)
+    assert gm.head.weight.shape == (3, 6 + 8)
+    out = gm(x)
+    out.sum().backward()  # trains: the recurrent kernel runs on the pruned weights
+    assert gm.rows.weight_hh_l0.grad.shape == (16, 4)
+
+
+def test_recurrent_layer_with_an_initial_state_is_left_alone():
+    class WithState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.lstm, self.head = nn.Linear(6, 16), nn.LSTM(16, 8, batch_first=True), nn.Linear(8, 3)
+            self.h0 = nn.Parameter(torch.zeros(1, 1, 8))
+
+        def forward(self, x):
+            h0 = self.h0.expand(1, x.shape[0], 8).contiguous()
+            return self.head(self.lstm(self.inp(x), (h0, h0))[0].mean(1))
+
+    gm, row = prune(WithState(), torch.randn(2, 5, 6))
+    assert gm.lstm.hidden_size == 8 and gm.lstm.input_size == 16 and gm.inp.out_features == 16
+    assert "no pruning rule for LSTM with several layers, projections or a given initial state" in row.stats["skip_reasons"], row.stats

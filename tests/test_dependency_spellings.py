@@ -568,3 +568,46 @@ def test_vector_norms_and_tensors_shaped_like_the_activations_keep_the_channels(
     for capture, gm in _pruned_in_both_front_ends(NormsAndLikes().eval(), x):
         assert gm.c1.weight.shape[0] == gm.gamma.shape[1] == gm.c2.weight.shape[1] == 8, capture
         assert gm(x).shape == (2, 4, 6, 6)
+
+
+class SlidingWindows(nn.Module):
+    """Sliding windows over the spatial axes: ``Tensor.unfold`` twice (HaloNet's overlapping
+    key/value blocks) and im2col / col2im (``F.unfold`` then ``F.fold``, VOLO's outlook
+    attention; ``nn.Unfold`` / ``nn.Fold`` with ``modules``). The channels pass through both;
+    ``Tensor.unfold`` across the channel axis mixes them and is left alone."""
+
+    def __init__(self, modules=False, across=False):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 12, 1), nn.Linear(12, 3)
+        self.unfold = nn.Unfold(3, padding=1) if modules else None
+        self.fold = nn.Fold((8, 8), 3, padding=1) if modules else None
+        self.across = across
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        y = torch.relu(self.a(x))
+        w = F.pad(y, [1, 1, 1, 1]).unfold(2, 4, 2).unfold(3, 4, 2)  # (B, 16, 4, 4, 4, 4)
+        y = y + F.interpolate(w.mean((-2, -1)), size=(8, 8))
+        cols = self.unfold(y) if self.unfold is not None else F.unfold(y, 3, padding=1)  # (B, 16*9, 64)
+        y = self.fold(cols * 0.5) if self.fold is not None else F.fold(cols * 0.5, (8, 8), 3, padding=1)
+        y = self.c(torch.relu(self.b(y)))
+        if self.across:
+            y = y.unfold(1, 4, 4).mean(-1).repeat(1, 4, 1, 1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_sliding_windows_keep_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for model in (SlidingWindows(), SlidingWindows(modules=True)):
+        for capture, gm in _pruned_in_both_front_ends(model.eval(), x):
+            assert gm.get_parameter("a.weight").shape[0] == 8 and gm.get_parameter("c.weight").shape == (6, 8, 1, 1), capture
+            assert gm(x).shape == (2, 3)
+
+
+def test_unfold_across_the_channels_leaves_them_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    result = qcd_fx.transform(SlidingWindows(across=True).eval(), "cdg-prune{ratio=0.5,criterion=l1}", example_inputs=x, capture="fx")
+    gm = result.graph_module
+    assert gm.c.weight.shape == (12, 8, 1, 1) and gm.a.weight.shape[0] == 8, result.report.notes()
+    assert any("unfolds windows across the channels" in n for n in result.report.notes()), result.report.notes()

@@ -706,6 +706,7 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
         if not mask.all():
             per_tensor.setdefault(name, {})[dim] = torch.from_numpy(np.nonzero(mask)[0])
     modules = dict(gm.named_modules(remove_duplicate=False)) if per_tensor else {}
+    refresh: dict[int, nn.Module] = {}
     for name, dims in per_tensor.items():
         aliases = deps.aliases.get(name, [name])
         owner, attr = _owner(modules, aliases[0])
@@ -728,6 +729,11 @@ def apply_pruning(gm: GraphModule, deps: Dependencies, removed_units: np.ndarray
                 store = mod.__dict__
             undo.append(lambda store=store, a=a, old=store[a]: store.__setitem__(a, old))
             store[a] = new
+            if hasattr(mod, "_init_flat_weights"):  # nn.LSTM/GRU/RNN run on a list of their weights kept beside the parameters
+                refresh[id(mod)] = mod
+    for mod in refresh.values():
+        mod._init_flat_weights()
+        undo.insert(0, mod._init_flat_weights)  # undone last: after the weights are back
     for rw in deps.attr_rewrites:
         module = gm.get_submodule(rw.module)
         undo.append(lambda m=module, a=rw.attr, old=getattr(module, rw.attr): setattr(m, a, old))

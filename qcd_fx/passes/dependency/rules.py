@@ -621,6 +621,46 @@ def rule_mha(an: _Analyzer, node: Node, m: nn.MultiheadAttention) -> Info:
     return (out, None)
 
 
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def rule_rnn(an: _Analyzer, node: Node, m: nn.RNNBase) -> Info:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` of one layer (Sequencer's bidirectional LSTMs): the
+    input features are consumed like a Linear's (columns of ``weight_ih``); the hidden units are
+    a family of their own — unit ``j`` owns row ``j`` of every gate block of ``weight_ih``,
+    ``weight_hh`` and the biases, column ``j`` of ``weight_hh``, and position ``j`` of the output
+    in each direction (the directions share ``hidden_size``, so unit ``j`` goes in both)."""
+    p = node.target
+    gates = _RNN_GATES.get(m.mode)
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    info, shape = an.of(x), an.shape(x)
+    supported = gates is not None and m.num_layers == 1 and not getattr(m, "proj_size", 0) and shape is not None
+    hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+    if not supported or hx is not None:
+        raise _Unsupported(f"no pruning rule for {type(m).__name__} with several layers, projections or a given initial state")
+    sfx = ["", "_reverse"] if m.bidirectional else [""]
+    if isinstance(info, Chan) and info.axis == len(shape) - 1 and len(info.atoms) == m.input_size:
+        for s in sfx:
+            an.bind(f"{p}.weight_ih_l0{s}", 1, info.atoms)
+        an.rewrite_attr(p, "input_size", info.atoms)
+    elif info is not None:
+        an.freeze_info(info, f"{node.name}: recurrent layer over untracked features")
+    units = an.new_atoms(m.hidden_size, f"{p} (hidden units)")
+    rows = np.tile(units, gates)
+    for s in sfx:
+        an.bind(f"{p}.weight_ih_l0{s}", 0, rows)
+        an.bind(f"{p}.weight_hh_l0{s}", 0, rows)
+        an.bind(f"{p}.weight_hh_l0{s}", 1, units)
+        if m.bias:
+            an.bind(f"{p}.bias_ih_l0{s}", 0, rows)
+            an.bind(f"{p}.bias_hh_l0{s}", 0, rows)
+    an.rewrite_attr(p, "hidden_size", units)
+    rank = len(shape)
+    output = Chan(rank - 1, np.tile(units, len(sfx)))
+    state = Chan(2 if rank == 3 else 1, units)  # h_n (and c_n): (directions, N, H), unbatched (directions, H)
+    return (output, (state, state) if m.mode == "LSTM" else state)
+
+
 def rule_embedding(an: _Analyzer, node: Node, m: nn.Embedding) -> Info:
     p = node.target
     atoms = an.param_atoms(f"{p}.weight", 1, f"{p} (embedding dim)")
@@ -1120,6 +1160,46 @@ def rule_roll(an: _Analyzer, node: Node) -> Info:
         if info.axis not in [_norm_axis(d, len(shape)) for d in dims]:
             return Chan(info.axis, info.atoms)
     an.freeze_info(info, f"{node.name}: rolls the channels")
+    return None
+
+
+def rule_unfold(an: _Analyzer, node: Node) -> Info:
+    """``x.unfold(dim, size, step)``: sliding windows along ``dim``, each window a new last axis
+    (HaloNet's overlapping key/value blocks). Channels on another axis keep their axis; windows
+    across the channels mix them."""
+    info = an.of(node.args[0])
+    shape = an.shape(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dimension")
+    if isinstance(info, Chan) and shape is not None and isinstance(dim, int) and _norm_axis(dim, max(len(shape), 1)) != info.axis:
+        return Chan(info.axis, info.atoms)
+    an.freeze_info(info, f"{node.name}: unfolds windows across the channels")
+    return None
+
+
+def rule_im2col(an: _Analyzer, node: Node, *_: Any) -> Info:
+    """``F.unfold`` / ``nn.Unfold`` (im2col): ``(N, C, H, W) -> (N, C*k, L)``, each channel's
+    ``k`` kernel taps contiguous on axis 1 (VOLO's outlook attention): the taps carry their
+    channel."""
+    info = an.of(node.args[0])
+    shape, out = an.shape(node.args[0]), an.shape(node)
+    if isinstance(info, Chan) and info.axis == 1 and shape is not None and out is not None and len(shape) == 4 and len(out) == 3:
+        if shape[1] == len(info.atoms) and out[1] % shape[1] == 0:
+            return Chan(1, np.repeat(info.atoms, out[1] // shape[1]))
+    an.freeze_info(info, f"{node.name}: im2col over untracked channels")
+    return None
+
+
+def rule_col2im(an: _Analyzer, node: Node, *_: Any) -> Info:
+    """``F.fold`` / ``nn.Fold`` (col2im): ``(N, C*k, L) -> (N, C, H, W)``, summing each channel's
+    ``k`` taps: channels whose taps all carry the same channel come out as that channel."""
+    info = an.of(node.args[0])
+    shape, out = an.shape(node.args[0]), an.shape(node)
+    if isinstance(info, Chan) and info.axis == 1 and shape is not None and out is not None and len(shape) == 3 and len(out) == 4:
+        if out[1] and shape[1] == len(info.atoms) and shape[1] % out[1] == 0:
+            taps = info.atoms.reshape(out[1], shape[1] // out[1])
+            if (taps == taps[:, :1]).all():
+                return Chan(1, taps[:, 0].copy())
+    an.freeze_info(info, f"{node.name}: col2im over untracked channels")
     return None
 
 

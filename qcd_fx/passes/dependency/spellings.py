@@ -19,6 +19,7 @@ from .rules import (
     rule_batchnorm,
     rule_cat,
     rule_chunk_split,
+    rule_col2im,
     rule_compression,
     rule_conv_function,
     rule_conv_module,
@@ -34,6 +35,7 @@ from .rules import (
     rule_getitem,
     rule_grouped_mm,
     rule_groupnorm,
+    rule_im2col,
     rule_index,
     rule_interface_gate,
     rule_layernorm_function,
@@ -59,6 +61,7 @@ from .rules import (
     rule_reshape_as,
     rule_reshape_function,
     rule_rmsnorm_function,
+    rule_rnn,
     rule_roll,
     rule_sdpa,
     rule_select,
@@ -71,6 +74,7 @@ from .rules import (
     rule_stochastic_depth,
     rule_topk,
     rule_unbind,
+    rule_unfold,
     rule_unsqueeze,
     rule_var,
     rule_view_method,
@@ -111,6 +115,9 @@ MODULE_RULES[nn.MultiheadAttention] = rule_mha
 MODULE_RULES[nn.Embedding] = rule_embedding
 MODULE_RULES[nn.PReLU] = rule_prelu
 MODULE_RULES[nn.Flatten] = rule_flatten_module
+MODULE_RULES[nn.RNNBase] = rule_rnn
+MODULE_RULES[nn.Unfold] = rule_im2col
+MODULE_RULES[nn.Fold] = rule_col2im
 
 
 def _register_qcd_modules() -> None:
@@ -189,6 +196,8 @@ FUNCTION_RULES: dict[Any, Callable] = {
     F.max_pool2d: rule_spatial,
     F.interpolate: rule_spatial,
     F.pad: rule_pad,
+    F.unfold: rule_im2col,
+    F.fold: rule_col2im,
     torch.nn.functional.normalize: rule_passthrough,
 }
 FUNCTION_RULES_BY_NAME: dict[str, Callable] = {
@@ -215,6 +224,7 @@ METHOD_RULES: dict[str, Callable] = {
     "repeat": rule_repeat,
     "repeat_interleave": rule_repeat_interleave,
     "roll": rule_roll,
+    "unfold": rule_unfold,
     "chunk": rule_chunk_split,
     "split": rule_chunk_split,
     "mean": rule_reduce,
@@ -253,6 +263,9 @@ def _aten_table() -> dict[Any, Callable]:
         rule_repeat: ["repeat"],
         rule_repeat_interleave: ["repeat_interleave"],
         rule_roll: ["roll"],
+        rule_unfold: ["unfold"],
+        rule_im2col: ["im2col"],
+        rule_col2im: ["col2im"],
         rule_chunk_split: ["split", "chunk", "split_with_sizes"],
         rule_unbind: ["unbind"],
         rule_unsqueeze: ["unsqueeze"],
