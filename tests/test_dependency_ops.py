@@ -15,27 +15,28 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcd_fx
+from qcd_fx.errors import PipelineSpecError
 from qcd_fx.passes.dependency import analyze
 from qcd_fx.passes.prune import _ensure_shapes, _scores, _select
 
 OUTPUT_ONLY = {"model output (its width never changes)": 1}  # the only group left alone: the classifier's
 
 
-def prune(model, x, ratio=0.5):
+def prune(model, x, ratio=0.5, attention="heads"):
     """(pruned graph module, report row) of ``cdg-prune{criterion=random}``."""
-    result = qcd_fx.transform(model.eval(), f"cdg-prune{{ratio={ratio},criterion=random}}", example_inputs=(x,))
+    result = qcd_fx.transform(model.eval(), f"cdg-prune{{ratio={ratio},criterion=random,attention={attention}}}", example_inputs=(x,))
     gm = result.graph_module
     with torch.no_grad():
         assert gm(x).shape == model(x).shape
     return gm, result.report.passes[0]
 
 
-def zeroed(model, x, ratio):
+def zeroed(model, x, ratio, attention="heads"):
     """The output of ``model`` with every weight slice of the channels the pass removes zeroed
     (the same analysis and random scores as :func:`prune`)."""
     gm = qcd_fx.trace(copy.deepcopy(model).eval())
     _ensure_shapes(gm, [(x,)], "test")
-    deps = analyze(gm)
+    deps = analyze(gm, attention=attention)
     keep = deps.kept_atoms(_select(deps, _scores(gm, deps, "random", {}, 0), 1, ratio=ratio))
     tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     with torch.no_grad():
@@ -44,13 +45,13 @@ def zeroed(model, x, ratio):
         return gm(x)
 
 
-def assert_prunes_exactly(model, x, ratio=0.5):
+def assert_prunes_exactly(model, x, ratio=0.5, attention="heads"):
     """Only the classifier is left alone and the pruned model equals the zeroed original;
     returns the pruned graph module."""
-    gm, row = prune(model, x, ratio)
+    gm, row = prune(model, x, ratio, attention)
     assert row.stats["channels_removed"] > 0 and row.stats["skip_reasons"] == OUTPUT_ONLY, row.stats
     with torch.no_grad():
-        out, ref = gm(x), zeroed(model, x, ratio)
+        out, ref = gm(x), zeroed(model, x, ratio, attention)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), float((out - ref).abs().max())
     return gm
 
@@ -419,3 +420,34 @@ def test_recurrent_layer_with_an_initial_state_is_left_alone():
     gm, row = prune(WithState(), torch.randn(2, 5, 6))
     assert gm.lstm.hidden_size == 8 and gm.lstm.input_size == 16 and gm.inp.out_features == 16
     assert "no pruning rule for LSTM with several layers, projections or a given initial state" in row.stats["skip_reasons"], row.stats
+
+
+# --- attention: whole heads or narrower heads ---------------------------------------------------
+
+
+class ThreeHeads(nn.Module):
+    """timm's ViT attention with 3 heads: a fused qkv reshaped to (B, N, 3, heads, head_dim)."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.inp, self.qkv, self.proj, self.head = nn.Linear(8, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
+        return self.head(x + self.proj(y)).mean(1)
+
+
+@pytest.mark.parametrize("attention, qkv_rows, proj_in", [("heads", 3 * 16, 16), ("dims", 3 * 12, 12)])
+def test_attention_loses_whole_heads_or_the_same_dims_in_every_head(attention, qkv_rows, proj_in):
+    torch.manual_seed(0)
+    gm = assert_prunes_exactly(ThreeHeads(), torch.randn(2, 5, 8), attention=attention)
+    assert gm.qkv.weight.shape == (qkv_rows, 12) and gm.proj.weight.shape == (12, proj_in)
+
+
+def test_attention_option_is_checked():
+    with pytest.raises(PipelineSpecError, match="attention"):
+        qcd_fx.Pipeline.parse("cdg-prune{attention=columns}")

@@ -98,6 +98,9 @@ class CDGPrune(Pass):
     round_to: int = option("keep a multiple of this many units per group", 1)
     scope: Literal["channels", "nodes", "both"] = option("what to remove: channels, residual branches (nodes), or both", "channels")
     seed: int = option("random seed (criterion=random)", 0)
+    attention: Literal["heads", "dims"] = option(
+        "what attention loses: whole heads, or the same head_dim positions in every head (the head count stays)", "heads"
+    )
 
     def __post_init__(self):
         chosen = [self.ratio is not None, self.target_macs is not None, self.threshold == "auto", self.target_latency is not None]
@@ -135,7 +138,7 @@ class CDGPrune(Pass):
             if self.scope == "nodes":
                 _broadcast_state(gm)
                 return PassOutcome(gm, bool(removed), notes, stats)
-        deps = analyze(gm)
+        deps = analyze(gm, attention=self.attention)
         effs: dict[str, np.ndarray] = {}
         out_eff: float | None = None
         if (calib or distributed.active()) and (self.criterion == "cdg" or self.threshold == "auto"):

@@ -35,9 +35,15 @@ from .core import _Analyzer as _Analyzer
 from .spellings import rule_for
 
 
-def analyze(gm: GraphModule) -> Dependencies:
-    """Channel dependencies of ``gm``; needs ``node.meta["tensor_meta"]`` (shape propagation)."""
+def analyze(gm: GraphModule, attention: str = "heads") -> Dependencies:
+    """Channel dependencies of ``gm``; needs ``node.meta["tensor_meta"]`` (shape propagation).
+    ``attention``: ``"heads"`` — a channel axis split into (heads, head_dim) on its way into
+    attention has whole heads as its units; ``"dims"`` — the same head_dim position of every
+    head is one unit (heads stay, each gets narrower)."""
+    if attention not in ("heads", "dims"):
+        raise ValueError(f"attention must be 'heads' or 'dims', got {attention!r}")
     an = _Analyzer(gm, rule_for)
+    an.attention = attention
     an.run()
     return an.finish()
 

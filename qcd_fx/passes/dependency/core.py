@@ -118,6 +118,7 @@ class _Analyzer:
     def __init__(self, gm: GraphModule, rule_for: Callable[[GraphModule, Node], Callable]):
         self.gm = gm
         self.rule_for = rule_for  # the spelling tables (:mod:`.spellings`): node -> its kind's rule
+        self.attention = "heads"  # or "dims": see analyze()
         self.next_atom = 1  # atom 0 is FROZEN
         self.family_starts: list[int] = []
         self.families: list[str] = []

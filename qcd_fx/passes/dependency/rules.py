@@ -806,7 +806,7 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
     table = full[index]
     if len(varying) == 1:
         chan = Chan(varying[0], np.ascontiguousarray(table))
-    elif _feeds_attention(node, len(out_shape)):
+    elif an.attention == "heads" and _feeds_attention(node, len(out_shape)):
         # (…, heads, head_dim) on the way into attention: a head is one unit (its head_dim
         # positions pruned together, and the same head of any leading axis, e.g. timm's q/k/v
         # axis of a fused qkv); the channels are the heads. The rank may stay (GC ViT's global
@@ -815,7 +815,7 @@ def _reshape(an: _Analyzer, node: Node, src: Any, literal: dict[int, tuple[int, 
         table = table.reshape(-1, out_shape[heads], out_shape[varying[-1]])
         an.union(np.broadcast_to(table[:1, :, :1], table.shape).ravel(), table.ravel())
         chan = Chan(heads, np.ascontiguousarray(table[0, :, 0]))
-    else:  # split into several axes: tie each column across the leading axes
+    else:  # split into several axes: tie each column across the leading axes (attention=dims: each head_dim position across the heads)
         free = varying[-1]
         table = table.reshape(-1, out_shape[free])
         for r in range(1, table.shape[0]):
