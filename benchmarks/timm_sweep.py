@@ -60,6 +60,8 @@ children single-threaded; rows are written in selection order).
 
     python benchmarks/timm_sweep.py                          # every family (~1-2 h on 2 busy cores)
     python benchmarks/timm_sweep.py --jobs 2                 # two models at a time (98 families: ~35 min on 2 cores)
+    python benchmarks/timm_sweep.py --models crossvit_tiny_240,deit_tiny_patch16_224,vit_tiny_patch16_224,vit_tiny_r_s16_p8_224 \
+        --prune-spec "cdg-prune{ratio=0.5,criterion=l1,attention=dims}" --out benchmarks/results/timm_attention_dims   # narrower heads
     python benchmarks/timm_sweep.py --resume                 # continue an interrupted sweep
     python benchmarks/timm_sweep.py --resume --redo beit,eva # ... measuring these families again
     python benchmarks/timm_sweep.py --models resnet10t,vit_tiny_patch16_224 --out /tmp/ts
@@ -89,7 +91,8 @@ from prune import _rss_bytes  # the sibling script (benchmarks/ is on sys.path w
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC_QCI = "qci"
-SPEC_PRUNE = "cdg-prune{ratio=0.5,criterion=l1}"
+DEFAULT_SPEC_PRUNE = "cdg-prune{ratio=0.5,criterion=l1}"
+SPEC_PRUNE = DEFAULT_SPEC_PRUNE  # --prune-spec
 SIDES = (64, 112, 128, 224)  # input sides tried before the cfg's own (112: patch 14 and 16)
 SMOKE = ("resnet10t", "mobilenetv3_small_050")
 BATCH = 2
@@ -317,7 +320,7 @@ def child_qcd(name: str, rec: Recorder) -> None:
         walls, passes = [], []
         while True:
             t1 = time.perf_counter()
-            result = qcd_fx.transform(model, SPEC_PRUNE, example_inputs=x)
+            result = qcd_fx.transform(model, SPEC_PRUNE, example_inputs=x)  # --prune-spec
             walls.append(time.perf_counter() - t1)
             passes.append(result.report.passes[0].seconds)
             if len(walls) >= TIMED_RUNS or sum(walls) >= TIMING_BUDGET_S:
@@ -477,6 +480,8 @@ def child_tp(name: str, config: dict | None, rec: Recorder) -> None:
 def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: float) -> dict:
     """One child process (this script with ``--one``); its row, with what stopped it if it was stopped."""
     extra = ["--build", json.dumps(config)] if config is not None else []
+    if tool == "qcd" and SPEC_PRUNE != DEFAULT_SPEC_PRUNE:
+        extra += ["--prune-spec", SPEC_PRUNE]
     return spawn_child(__file__, name, tool, extra, cap_s, mem_gb, steps=("trace", "qci", "prune", "onnx"), stop=STOP)
 
 
@@ -743,17 +748,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (default 1; each runs its two children one after the other)")
     ap.add_argument("--smoke", action="store_true", help=f"{' + '.join(SMOKE)} with a 60 s cap: checks that the script runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "timm_sweep"), help="path prefix (.json appended) or a directory")
+    ap.add_argument("--prune-spec", default=DEFAULT_SPEC_PRUNE, help=f"the cdg-prune pass qcd-fx runs (default {DEFAULT_SPEC_PRUNE}; e.g. with attention=dims)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model in a child process
     ap.add_argument("--tool", choices=("qcd", "tp"), help=argparse.SUPPRESS)
     ap.add_argument("--one-out", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global SPEC_PRUNE
+    SPEC_PRUNE = args.prune_spec
     if args.one:
         one_main(args)
         return 0
     torch.set_num_threads(1)
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
+    import qcd_fx
+
+    try:
+        passes = qcd_fx.Pipeline.parse(SPEC_PRUNE).passes
+    except qcd_fx.errors.QcdFxError as e:
+        ap.error(f"--prune-spec: {e}")
+    if [p.name for p in passes] != ["cdg-prune"]:
+        ap.error(f"--prune-spec must be one cdg-prune pass, got {SPEC_PRUNE!r}")
     redo = {f.strip() for f in (args.redo or "").split(",") if f.strip()}
     if redo and not args.resume:
         ap.error("--redo needs --resume (it measures families of an existing sweep again)")
@@ -804,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         "weights": "random: timm's initialisation after torch.manual_seed(0), pretrained=False",
         "input_sides_tried": [*SIDES, "cfg input_size"],
         "qcd_specs": {"qci": SPEC_QCI, "prune": SPEC_PRUNE},
-        "qcd_note": "cdg-prune with criterion=l1 (weight magnitudes; no calibration forwards), ratio 0.5",
+        "qcd_note": "cdg-prune with criterion=l1 (weight magnitudes; no calibration forwards), ratio 0.5"
+        + ("" if SPEC_PRUNE == DEFAULT_SPEC_PRUNE else f"; this run: {SPEC_PRUNE}"),
         "tp_recipe": (
             "tp.pruner.MagnitudePruner(importance=MagnitudeImportance(p=1), pruning_ratio=0.5, iterative_steps=1, "
             "ignored_layers=model.get_classifier(), num_heads={m.qkv: m.num_heads}); head_dim and attn_dim patched after step()"
@@ -821,6 +838,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     done: dict[str, dict] = {}
     if old:
+        old_spec = old.get("meta", {}).get("qcd_specs", {}).get("prune", DEFAULT_SPEC_PRUNE)
+        if old_spec != SPEC_PRUNE:
+            ap.error(f"--resume: {path} was measured with {old_spec!r}, not {SPEC_PRUNE!r}")
         unknown = redo - {r["family"] for r in old.get("rows", [])}
         if unknown:
             ap.error(f"--redo: no rows for {', '.join(sorted(unknown))} in {path}")
