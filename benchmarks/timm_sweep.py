@@ -29,7 +29,8 @@ pass time (``report.passes[0].seconds``) and the transform's wall time (each the
 3 runs, first call included, while the runs took under 30 s in all), the first 3 notes,
 frozen-channel reasons and skip reasons, the report's warnings; 4. ONNX of the pruned module:
 ``qcd_fx.export_onnx(gm, (x,), None)`` (dry run, parity checked in onnxruntime): ok / max abs,
-or the one-line error.
+or the one-line error. The child runs these in the order 1, 3, 4, 2: full-rank gates on the
+largest models can pass the memory cap, which then costs the ``qci`` step only.
 
 **Per model, Torch-Pruning** (another child process; same model, same weights, same input):
 its README recipe ``tp.pruner.MagnitudePruner`` with ``tp.importance.MagnitudeImportance(p=1)``,
@@ -298,21 +299,6 @@ def child_qcd(name: str, rec: Recorder) -> None:
         row["trace"] = {"ok": False, "seconds": time.perf_counter() - t0, "error": one_line(e)}
     del gm
 
-    rec.stage("qci")
-    t0 = time.perf_counter()
-    try:
-        result = qcd_fx.transform(model, SPEC_QCI, example_inputs=x)
-        with torch.no_grad():
-            out = result.graph_module(x)
-            now = model(x)
-        la, lb = leaves(out), leaves(now)
-        exact = len(la) == len(lb) and all(torch.equal(a, b) for a, b in zip(la, lb))
-        gates = result.report.passes[0].nodes_added if result.report.passes else 0
-        row["qci"] = {"ok": True, "exact": exact, "max_abs": max_abs_diff(out, now), "nodes_added": gates, "seconds": time.perf_counter() - t0}
-        del result
-    except Exception as e:  # noqa: BLE001
-        row["qci"] = {"ok": False, "exact": False, "seconds": time.perf_counter() - t0, "error": one_line(e)}
-
     rec.stage("prune")
     t0 = time.perf_counter()
     gm = None
@@ -378,6 +364,22 @@ def child_qcd(name: str, rec: Recorder) -> None:
                 row["onnx"]["fallback_reason"] = rep.fallback_reason[:200]
         except Exception as e:  # noqa: BLE001 - ExportError and anything else
             row["onnx"] = {"ok": False, "seconds": time.perf_counter() - t0, "error": one_line(e)}
+    rec.stage("qci")  # last: full-rank gates on a large model can pass the memory cap, after the pruning is recorded
+    gm = None
+    t0 = time.perf_counter()
+    try:
+        result = qcd_fx.transform(model, SPEC_QCI, example_inputs=x)
+        with torch.no_grad():
+            out = result.graph_module(x)
+            now = model(x)
+        la, lb = leaves(out), leaves(now)
+        exact = len(la) == len(lb) and all(torch.equal(a, b) for a, b in zip(la, lb))
+        gates = result.report.passes[0].nodes_added if result.report.passes else 0
+        row["qci"] = {"ok": True, "exact": exact, "max_abs": max_abs_diff(out, now), "nodes_added": gates, "seconds": time.perf_counter() - t0}
+        del result
+    except Exception as e:  # noqa: BLE001
+        row["qci"] = {"ok": False, "exact": False, "seconds": time.perf_counter() - t0, "error": one_line(e)}
+
     rec.stage(None)
 
 
@@ -482,7 +484,7 @@ def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: f
     extra = ["--build", json.dumps(config)] if config is not None else []
     if tool == "qcd" and SPEC_PRUNE != DEFAULT_SPEC_PRUNE:
         extra += ["--prune-spec", SPEC_PRUNE]
-    return spawn_child(__file__, name, tool, extra, cap_s, mem_gb, steps=("trace", "qci", "prune", "onnx"), stop=STOP)
+    return spawn_child(__file__, name, tool, extra, cap_s, mem_gb, steps=("trace", "prune", "onnx", "qci"), stop=STOP)
 
 
 def spawn_child(
@@ -623,7 +625,7 @@ def first_failure(row: dict) -> str | None:
     if "build" not in row:
         return f"build: {row.get('error', '?')}"
     q = row["qcd"]
-    for step in ("trace", "qci", "prune", "onnx"):
+    for step in ("trace", "prune", "onnx", "qci"):  # the order the child runs them
         e = q.get(step)
         if e is None:
             return row.get("error") or f"{step}: not reached"
