@@ -114,7 +114,7 @@ def test_hard_csc_and_low_rank_gates_export(spec, masks, tmp_path):
     gm = result.graph_module
     assert result.report.passes[0].stats["gates"] > 0 and result.report.passes[1].stats["masks"] == masks
     report = assert_onnx_parity(gm, (x,), str(tmp_path / "digits.onnx"))
-    assert [p.batch for p in report.parity] == [4, 5, 4, 4, 4]
+    assert [p.batch for p in report.parity] == [4, 5]  # the example and a second batch (torch.export: no value variants)
     # the hard masks zero the same entries in onnxruntime as in PyTorch. Compared on the masks'
     # own outputs (an activation mask's zeros do not reach the logits), and only after checking
     # that each mask really zeroes entries its input had non-zero (after a ReLU, zeros alone
@@ -205,7 +205,7 @@ def test_tuple_outputs_and_static_batch(tmp_path):
     assert report.output_names == ["output_0", "output_1"]
     gm.train()
     static = export_onnx(gm, (x,), str(tmp_path / "static.onnx"), dynamic_batch=False)
-    assert static.input_shapes == [[3, 12]] and not static.dynamic_batch and [p.inputs for p in static.parity] == ["example", "|x|", "-|x|", "10x"]
+    assert static.input_shapes == [[3, 12]] and not static.dynamic_batch and [p.inputs for p in static.parity] == ["example"]
     assert gm.training and gm.code == code and all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
 
 
@@ -423,7 +423,7 @@ def test_background_check_failures_are_reported_in_order(tmp_path, monkeypatch):
     assert not path.exists() and leftovers(tmp_path) == []
     assert not any(t.name == "qcd_fx-onnx-checks" for t in threading.enumerate())
     report = export_onnx(gm, (x,), str(path))  # and it works again
-    assert report.ok and [p.inputs for p in report.parity] == ["example", "batch 3", "|x|", "-|x|", "10x"]
+    assert report.ok and [p.inputs for p in report.parity] == ["example", "batch 3"]  # torch.export keeps no value: no sign/scale variants
     assert {"checker", "session", "onnxruntime", "checks_wait"} <= set(report.timings)
 
 
@@ -466,7 +466,7 @@ def test_cli_export(workdir, digits_files):
     assert res.exit_code == 0, res.stderr
     assert "ONNX model written to digits.onnx: dynamo exporter" in res.stdout and "onnx.checker ok" in res.stdout
     report = json.loads((workdir / "export.json").read_text())
-    assert report["ok"] and report["input_shapes"] == [["batch", 1, 8, 8]] and len(report["parity"]) == 5
+    assert report["ok"] and report["input_shapes"] == [["batch", 1, 8, 8]] and len(report["parity"]) == 2
     assert report["input_names"] == ["x"] and report["domains"] == [""]
 
 

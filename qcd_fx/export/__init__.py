@@ -42,9 +42,9 @@ what ``model_proto.SerializeToString()`` gives, see :func:`.write.serialize_mode
 feed the file and onnxruntime (nothing is re-read from disk), and the checker gets the graph with
 the large weights as typed inputs. The file is written in a thread while the checks run, and
 ``onnx.checker``, the onnxruntime session and onnxruntime's runs go to another while PyTorch
-computes the reference outputs (the outputs are compared in order afterwards). What remains is the checks themselves: PyTorch and onnxruntime each run the example,
-a second batch size and three value variants, and onnxruntime builds its session from the full
-weights.
+computes the reference outputs (the outputs are compared in order afterwards). What remains is the checks themselves: PyTorch and onnxruntime each run the example
+and a second batch size (and three value variants on a TorchScript file), and onnxruntime builds
+its session from the full weights.
 One exporter cost is cut here: onnxscript's ``SlicesSplit`` rewrite costs O(nodes^2) even on
 graphs without ``Slice`` nodes; it is skipped where it cannot match. And one exporter defect is
 avoided: onnxscript's ``x + 0 -> x`` rewrite matches ``x + 1e-8``, deleting the seed's epsilon

@@ -67,9 +67,10 @@ def export_onnx(
             symbolic ``batch`` axis.
         opset: ONNX opset (default: the exporter's, 20 for torch 2.14's dynamo exporter).
         check: run ``onnx.checker`` and compare onnxruntime with PyTorch on the example inputs,
-            on a second batch size (``check_batch``, default batch + 1) and on variants of the
-            example with other signs and scales (all positive, all negative, ten times larger:
-            a value-dependent branch traced one way shows up there). A mismatch beyond ``atol``
+            on a second batch size (``check_batch``, default batch + 1) and, for a file from
+            the TorchScript fallback, on variants of the example with other signs and scales
+            (all positive, all negative, ten times larger: a value-dependent branch traced one
+            way shows up there; ``torch.export`` refuses such branches instead). A mismatch beyond ``atol``
             absolute *and* ``rtol`` relative to the output's magnitude is judged against a
             float64 run of the model: the file passes only if onnxruntime's error is at most
             ``float64_factor`` (2) times PyTorch's own float32 error (both numbers are in the
@@ -200,6 +201,19 @@ def export_onnx(
     return report
 
 
+def _values_stay_inputs() -> bool:
+    """Whether the dynamo exporter captures with ``torch.export`` proper (non-strict, then
+    strict), which refuses to turn a tensor's value into a Python value (a data-dependent
+    branch or ``float(x.max())`` fails the export): its graphs cannot keep one example's values,
+    so the sign/scale variants are not needed. torch's optional draft-export strategy
+    specialises on the example's values; with it enabled (or unknown) the variants run."""
+    try:
+        from torch.onnx._internal.exporter._capture_strategies import CAPTURE_STRATEGIES
+    except ImportError:
+        return False
+    return {s.__name__ for s in CAPTURE_STRATEGIES} <= {"TorchExportNonStrictStrategy", "TorchExportStrictStrategy"}
+
+
 @dataclass(frozen=True)
 class _Serialized:
     """What an exporter produced: the program (dynamo) or None, the proto (None with external
@@ -305,7 +319,8 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
                 b2 = check_batch or batch + 1
                 if b2 != batch:
                     candidates.append((f"batch {b2}", _second_batch(inputs, dynamic, b2), False))
-            candidates += [(label, variant, True) for label, variant in _value_variants(inputs)]
+            if exporter != "dynamo" or not _values_stay_inputs():  # a trace can bake a value in; torch.export cannot
+                candidates += [(label, variant, True) for label, variant in _value_variants(inputs)]
             background = _OnnxChecks(checker_target, target_for_checks, [c[1] for c in candidates], timings)
             stack.callback(background.stop)
             try:
