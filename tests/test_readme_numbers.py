@@ -42,6 +42,7 @@ J = {
         "optimizers",
         "global_opt",
         "timm_sweep",
+        "timm_attention_dims",
         "hf_sweep",
         "compiled",
         "compress",
@@ -533,9 +534,15 @@ def timm_claims(d: dict) -> list:
             [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"], s["median_macs_ratio_qcd"]],
         ),
         (
-            "takes a median {} s (Torch-Pruning's dependency graph and step: {} s) and is the faster of the two on {} of the {}",
+            "takes a median {} s (Torch-Pruning's dependency graph and step: {} s) and is at or below Torch-Pruning's time on {} of the {}",
             [s["median_prune_pass_s_qcd"], s["median_prune_s_tp"], sum(r["qcd"]["prune"]["pass_s"] <= r["tp"]["prune_s"] for r in both), len(both)],
         ),
+        ("`transform` takes a median {} s, longer than Torch-Pruning's graph and step on {} of the {}", [s["median_transform_wall_s_qcd"], s["transform_slower_than_tp"], len(both)]),
+        (
+            "qcd-fx removes as much as Torch-Pruning on all four: {}x, {}x, {}x and {}x (Torch-Pruning: {}x, {}x, {}x and {}x)",
+            [r[k]["macs_ratio"] if k == "tp" else r[k]["prune"]["macs_ratio"] for k in ("qcd", "tp") for r in J["timm_attention_dims"]["rows"]],
+        ),
+        ("`deepseek_vit`, 412 M parameters, prunes {}x", [next(r["qcd"]["prune"]["macs_ratio"] for r in d["rows"] if r["family"] == "deepseek_vit")]),
     ]
 
 
