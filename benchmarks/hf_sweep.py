@@ -76,10 +76,11 @@ ratios (``torch.utils.flop_counter``), or the one-line error.
 **Order.** The qcd-fx child of every family runs first, then the Torch-Pruning children of the
 families that were built (its dependency grouping spins until the cap on many decoders), so an
 interrupted sweep holds the qcd-fx results; ``tp_pending`` counts the families still waiting.
-``--jobs N`` measures N families at a time (default 1).
+``--jobs N`` measures N families at a time (default 1). ``--no-tp`` stops after the qcd-fx
+children (the Torch-Pruning phase waits for a later ``--resume``).
 
 **Isolation.** Each child is killed past ``--time-cap`` seconds (default 120, each child
-separately) or ``--mem-cap`` GiB of resident memory; a child writes its row after every step, so
+separately; ``--tp-time-cap`` for the Torch-Pruning children) or ``--mem-cap`` GiB of resident memory; a child writes its row after every step, so
 a step that hangs or crashes the process costs that step only (its ``error`` says so). qcd-fx is
 imported from the working tree by every child; ``qcd_fx_source`` in a row is a hash of the
 package's sources that child saw (the tree may change during a long sweep).
@@ -99,6 +100,8 @@ the stored plans) and runs the rest; ``--redo a,b`` drops those families' rows a
     python benchmarks/hf_sweep.py                          # every family (hours on 2 busy cores)
     python benchmarks/hf_sweep.py --resume                 # continue an interrupted sweep
     python benchmarks/hf_sweep.py --resume --redo canine   # ... measuring these families again
+    python benchmarks/hf_sweep.py --resume --redo canine --no-tp   # ... qcd-fx only
+    python benchmarks/hf_sweep.py --resume --tp-time-cap 30 --jobs 2   # the Torch-Pruning phase, 30 s per model
     python benchmarks/hf_sweep.py --models bert,llama,vit --out /tmp/hfs
     python benchmarks/hf_sweep.py --smoke --out /tmp/hfs   # bert + gpt2, 60 s cap (tests)
 """
@@ -918,6 +921,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="only the first N families (alphabetical)")
     ap.add_argument("--time-cap", type=float, default=120.0, help="seconds per model and tool (a child process each; default 120)")
     ap.add_argument("--mem-cap", type=float, default=8.0, help="GiB of resident memory per child (default 8)")
+    ap.add_argument(
+        "--tp-time-cap", type=float, help="seconds per Torch-Pruning child (default: --time-cap; its dependency grouping spins until the cap on many decoders)"
+    )
+    ap.add_argument("--no-tp", action="store_true", help="qcd-fx children only: the Torch-Pruning phase is left for a later --resume (tp_pending)")
     ap.add_argument("--jobs", type=int, default=1, help="families measured at the same time (default 1; each runs its children one after the other)")
     ap.add_argument("--resume", action="store_true", help="keep the rows (and plans) already in the output file, run the rest")
     ap.add_argument("--redo", help="with --resume: comma-separated families planned and measured again (their stored rows dropped)")
@@ -995,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
         "tp_margin": TP_MARGIN,
         "jobs": args.jobs,
         "time_cap_s": args.time_cap,
+        "tp_time_cap_s": args.tp_time_cap or args.time_cap,
         "mem_cap_gb": args.mem_cap,
         "selection_rule": "every model_type of CONFIG_MAPPING_NAMES, alphabetical; one model per family from a small config",
         "selection": selection,
@@ -1033,8 +1041,15 @@ def main(argv: list[str] | None = None) -> int:
     # the cap): an interrupted sweep has the qcd-fx results, and --resume runs what is missing
     cap, mem = args.time_cap, args.mem_cap
     run_all(args.jobs, {f: (lambda f=f: measure_qcd(f, selection[f], cap, mem)) for f in wanted if f not in results}, qcd_done)
+    rows = [results[f] for f in wanted]
+    if args.no_tp:
+        meta["elapsed_s"] = time.perf_counter() - t_start
+        write(path, meta, rows)
+        print(f"--no-tp: Torch-Pruning left for a later --resume on the {sum(built(r) and 'tp' not in r for r in rows)} families built; wrote {path}")
+        return 0
     print(f"Torch-Pruning on the {sum(built(r) and 'tp' not in r for r in results.values())} families built ...", flush=True)
-    run_all(args.jobs, {f: (lambda f=f: measure_tp(f, cap, mem)) for f in wanted if built(results[f]) and "tp" not in results[f]}, tp_done)
+    tp_cap = args.tp_time_cap or cap
+    run_all(args.jobs, {f: (lambda f=f: measure_tp(f, tp_cap, mem)) for f in wanted if built(results[f]) and "tp" not in results[f]}, tp_done)
     rows = [results[f] for f in wanted]
     meta["elapsed_s"] = time.perf_counter() - t_start
     meta["complete"] = True
