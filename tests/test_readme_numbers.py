@@ -350,9 +350,23 @@ def load_claims(d: dict) -> list:
 
 def onnx_claims(d: dict) -> list:
     shares = [capture_share(e) for r in d["rows"] for e in r["variants"].values() if "export_s" in e]
+    entries = {(r["model"], k): e for r in d["rows"] for k, e in r["variants"].items() if "export_s" in e}
+    ours = {key: e["phases"]["ours"] / e["export_s"] for key, e in entries.items()}
+    vit = entries[("vit_b_16", "qci,csc")]
+    torch_s = sum(v for k, v in vit["phases"].items() if k != "ours")
+    after = vit["ours_detail"]["serialize"] + vit["ours_detail"]["session"] + 3 * vit["ort_ms"] / 1e3  # batch 1 and batch 2
     return [
         ("one thread each, interleaved, median of {}):", [d["meta"]["repeats"]]),
         ("capture and decomposition alone take {}–{} % of it", [100 * min(shares), 100 * max(shares)]),
+        (
+            "qcd-fx's share is under 20 % on {} of the {} exports; it is {} % and {} % on ConvNeXt-T and {} % and {} % on ViT-B/16",
+            [sum(v < 0.2 for v in ours.values()), len(ours), *(100 * ours[(m, k)] for m in ("convnext_tiny", "vit_b_16") for k in ("plain", "qci,csc"))],
+        ),
+        (
+            "serialising ({} s), onnxruntime's session ({} s) and its runs on the three images of the two batches ({} s each) — take {} s beside torch's {} s, a share of {} % before",
+            [vit["ours_detail"]["serialize"], vit["ours_detail"]["session"], vit["ort_ms"] / 1e3, after, torch_s, 100 * after / (after + torch_s)],
+        ),
+        ("reference forwards ({} s per image, run beside them); measured, {} %.", [vit["eager_ms"] / 1e3, 100 * ours[("vit_b_16", "qci,csc")]]),
     ]
 
 
@@ -537,7 +551,10 @@ def timm_claims(d: dict) -> list:
             "takes a median {} s (Torch-Pruning's dependency graph and step: {} s) and is at or below Torch-Pruning's time on {} of the {}",
             [s["median_prune_pass_s_qcd"], s["median_prune_s_tp"], sum(r["qcd"]["prune"]["pass_s"] <= r["tp"]["prune_s"] for r in both), len(both)],
         ),
-        ("`transform` takes a median {} s, longer than Torch-Pruning's graph and step on {} of the {}", [s["median_transform_wall_s_qcd"], s["transform_slower_than_tp"], len(both)]),
+        (
+            "`transform` takes a median {} s, longer than Torch-Pruning's graph and step on {} of the {}",
+            [s["median_transform_wall_s_qcd"], s["transform_slower_than_tp"], len(both)],
+        ),
         (
             "qcd-fx removes as much as Torch-Pruning on all four: {}x, {}x, {}x and {}x (Torch-Pruning: {}x, {}x, {}x and {}x)",
             [r[k]["macs_ratio"] if k == "tp" else r[k]["prune"]["macs_ratio"] for k in ("qcd", "tp") for r in J["timm_attention_dims"]["rows"]],
