@@ -298,9 +298,9 @@ def test_prune_text_names_where_torch_pruning_is_faster():
 
 
 def test_onnx_text_names_where_qcd_fx_takes_more_than_torch():
-    assert "except on ViT-B/16, where qcd-fx's own steps" in TEXT
+    assert "steps (serialisation and the checks) take less than capture and decomposition on every model" in " ".join(TEXT.split())
     entries = [(r["model"], e) for r in J["onnx_export"]["rows"] for e in r["variants"].values() if "export_s" in e]
-    assert {m for m, e in entries if e["phases"]["ours"] / e["export_s"] > capture_share(e)} == {"vit_b_16"}
+    assert {m for m, e in entries if e["phases"]["ours"] / e["export_s"] > capture_share(e)} == set()
 
 
 # ── figures quoted in the text ──────────────────────────────────────────────────────────────────
