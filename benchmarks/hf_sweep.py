@@ -48,7 +48,8 @@ kernel is not in the counter at all). Base counts are of the eager model.
 
 **Per model, qcd-fx** (one child process): 1. capture: ``qcd_fx.trace(model, x,
 capture="export")`` (ok, seconds, ``gm.meta["capture"].describe()``, whether the main output of
-``gm(x)`` equals eager bit for bit); 2. ``qcd_fx.transform(model, "qci", example_inputs=x,
+``gm(x)`` equals eager bit for bit, both run from the same random state:
+``qcd_fx.analysis.same_random_draws``, as the pipeline's checks do); 2. ``qcd_fx.transform(model, "qci", example_inputs=x,
 capture="export")``: exact = ``report.passes[0].drift_abs == 0``, ``gates`` from the pass's
 stats; when the pass refuses full-rank gates that cannot fit in memory (a vocabulary-wide head),
 ``qci{rank=16}``, as its message advises (``spec`` and ``full_rank_refused`` in the row); 3. ``cdg-prune{ratio=0.5,criterion=l1}`` (weight magnitudes, no calibration forwards),
@@ -459,11 +460,11 @@ def _ratio(a, b):
 
 def _measure(model, x, rec: Recorder) -> torch.Tensor:
     """Eager reference output; base MACs (total, linear, matmul) and parameters into the row."""
-    from qcd_fx.analysis import count_params
+    from qcd_fx.analysis import count_params, same_random_draws
 
     row = rec.row
     rec.stage("measure")
-    with torch.no_grad():
+    with torch.no_grad(), same_random_draws():  # models that draw random numbers draw the same in every check
         ref = model(x)
     if main_output(ref) is None:
         raise RuntimeError(f"no tensor in the output ({type(ref).__name__})")
@@ -482,6 +483,7 @@ def _measure(model, x, rec: Recorder) -> torch.Tensor:
 
 def child_qcd(model_type: str, rec: Recorder) -> None:
     import qcd_fx
+    from qcd_fx.analysis import same_random_draws
     from qcd_fx.errors import PreconditionError
 
     row = rec.row
@@ -498,7 +500,7 @@ def child_qcd(model_type: str, rec: Recorder) -> None:
     try:
         gm = qcd_fx.trace(model, x, capture="export")
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
+        with torch.no_grad(), same_random_draws():
             out = main_output(gm(x))
         exact = out is not None and out.shape == main_ref.shape and torch.equal(out, main_ref)
         diff = float((out.float() - main_ref.float()).abs().max()) if out is not None and out.shape == main_ref.shape and out.numel() else None
@@ -561,7 +563,7 @@ def child_qcd(model_type: str, rec: Recorder) -> None:
             "skip_reasons": _top(p.stats.get("skip_reasons")),
         }
         try:
-            with torch.no_grad():
+            with torch.no_grad(), same_random_draws():
                 out = gm(x)
             finite = all(bool(torch.isfinite(t).all()) for t in leaves(out) if t.is_floating_point())
             if not finite and not row["eager_finite"]:

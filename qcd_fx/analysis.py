@@ -105,13 +105,28 @@ def median_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2)
     return statistics.median(times)
 
 
+CHECK_SEED = 0
+
+
+@contextlib.contextmanager
+def same_random_draws(seed: int = CHECK_SEED) -> Iterator[None]:
+    """Run the block from a fixed random state and restore the caller's afterwards: a model that
+    draws random numbers in its forward (random masking, noise, sampled durations) draws the same
+    ones in every run of a check, and checking does not move the user's random stream."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @contextlib.contextmanager
 def eval_no_grad(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in eval mode without autograd; restore every submodule's mode afterwards."""
+    """Run ``module`` in eval mode without autograd, from the same random state each time
+    (:func:`same_random_draws`); restore every submodule's mode afterwards."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), same_random_draws():
             yield
     finally:
         for m, training in modes.items():

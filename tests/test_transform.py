@@ -318,6 +318,33 @@ def test_lint_failure_is_a_postcondition_error(digits_cnn):
         Pipeline([Misordered()]).run(digits_cnn, torch.randn(2, 1, 8, 8))
 
 
+class RandomMasking(nn.Module):
+    """Keeps a random half of the tokens in every forward (as ViT-MAE does), then a wide Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.embed(x)
+        keep = torch.rand_like(h[..., 0]).argsort(dim=1)[:, :3]
+        h = torch.gather(h, 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[2]))
+        return self.head(h.relu())
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_checks_of_models_that_draw_random_numbers_use_the_same_draws(capture):
+    model, x = RandomMasking(), torch.randn(2, 6, 8)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    result = qcd_fx.transform(model, "qci", example_inputs=(x,), capture=capture)
+    assert result.report.passes[0].drift_abs == 0  # both runs masked the same tokens
+    assert torch.equal(torch.rand(3), expected_next)  # the checks did not move the caller's random stream
+    assert len(gates_of(result.graph_module)) == 2
+
+
 def test_transform_accepts_graph_modules_and_pass_lists(digits_cnn):
     gm = qcd_fx.trace(digits_cnn)
     result = qcd_fx.transform(gm, [QCI(min_width=40)], example_inputs=torch.randn(1, 1, 8, 8))
