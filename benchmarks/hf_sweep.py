@@ -730,6 +730,7 @@ def measure_qcd(model_type: str, planned: dict, cap_s: float, mem_gb: float) -> 
             row[key] = q.pop(key)
     if "error" in q:
         row["error"] = q.pop("error")
+    q["time_cap_s"] = cap_s  # a resumed run may use another cap than the rows it keeps
     row["qcd"] = q
     if "output_shape" not in row:  # the model does not build or run: nothing for Torch-Pruning either
         row.setdefault("error", "build: the child ended before the model ran")
@@ -746,6 +747,7 @@ def measure_tp(model_type: str, cap_s: float, mem_gb: float) -> dict | None:
         return None
     for key in ("build", "params", "macs", "linear_macs", "matmul_macs", "output_shape", "eager_finite", "macs_note"):
         t.pop(key, None)
+    t["time_cap_s"] = cap_s
     return t
 
 
