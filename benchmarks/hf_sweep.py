@@ -81,7 +81,10 @@ interrupted sweep holds the qcd-fx results; ``tp_pending`` counts the families s
 children (the Torch-Pruning phase waits for a later ``--resume``).
 
 **Isolation.** Each child is killed past ``--time-cap`` seconds (default 120, each child
-separately; ``--tp-time-cap`` for the Torch-Pruning children) or ``--mem-cap`` GiB of resident memory; a child writes its row after every step, so
+separately; ``--tp-time-cap`` for the Torch-Pruning children) or ``--mem-cap`` GiB of resident memory, and
+its data segment is limited to the same (``RLIMIT_DATA``: an allocation beyond it fails in the
+child, and qcd-fx's ``qci`` sees the limit and refuses full-rank gates that would not fit; rows
+measured before this limit existed have no ``time_cap_s``); a child writes its row after every step, so
 a step that hangs or crashes the process costs that step only (its ``error`` says so). qcd-fx is
 imported from the working tree by every child; ``qcd_fx_source`` in a row is a hash of the
 package's sources that child saw (the tree may change during a long sweep).
@@ -372,7 +375,51 @@ def input_spec(cls: type, config) -> dict:
         side = _first_config(config, "image_size", IMAGE)
         side = side if isinstance(side, int) else IMAGE
         return {"name": name, "shape": [BATCH, int(_first_config(config, "num_channels", 3)), side, side], "dtype": "float32"}
+    if name in SIGNAL_INPUTS:
+        return {"name": name, "candidates": signal_shapes(name, config), "dtype": "float32"}
     raise Skip(f"unsupported input: main_input_name {name!r}")
+
+
+SIGNAL_INPUTS = ("input_values", "input_features", "pixel_values_videos")
+
+
+def _config_ints(config, names: tuple[str, ...]) -> list[int]:
+    found = []
+    for attr in names:
+        value = _first_config(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value not in found:
+            found.append(value)
+    return found
+
+
+def signal_shapes(name: str, config) -> list[list[int]]:
+    """Candidate shapes of an audio or video input, in the order tried (the first one the eager
+    model runs on is the example): audio waveforms (batch, samples) or (batch, channels, samples),
+    spectrograms (batch, bins, frames) or (batch, frames, bins) with the bins the configuration
+    names, videos (batch, frames, channels, side, side)."""
+    if name == "pixel_values_videos":
+        side = _first_config(config, "image_size", IMAGE)
+        side = side if isinstance(side, int) else IMAGE
+        channels = int(_first_config(config, "num_channels", 3))
+        frames = [2, 4, 8, 16]  # few frames first (a video model's cost grows with them), then the configuration's
+        return [[BATCH, t, channels, side, side] for t in frames + [t for t in _config_ints(config, ("num_frames", "frames_per_clip")) if t not in frames]]
+    bins = _config_ints(
+        config, ("num_mel_bins", "feature_size", "input_feat_per_channel", "n_mels", "mel_bins", "num_mel_filters", "input_dim", "feature_projection_input_dim")
+    )
+    frames = [f for f in _config_ints(config, ("max_length",)) if f <= 4096] + [2 * f for f in _config_ints(config, ("max_source_positions",)) if f <= 2048]
+    frames += [64, 160]
+    if name == "input_values" and not _config_ints(config, ("max_length",)):
+        channels = _config_ints(config, ("audio_channels", "channels"))[:1] or [1]
+        waves = [[BATCH, n] for n in (1600, 16000)] + [[BATCH, channels[0], n] for n in (1600, 16000)]
+    else:
+        waves = []
+    spectra = [[BATCH, b, t] for b in bins for t in frames] + [[BATCH, t, b] for b in bins for t in frames]
+    shapes = waves + spectra if name == "input_values" else spectra + waves
+    unique = []
+    for shape in shapes:
+        if shape not in unique:
+            unique.append(shape)
+    return unique[:12]
 
 
 def example_input(spec: dict, vocab: int) -> torch.Tensor:
@@ -380,6 +427,23 @@ def example_input(spec: dict, vocab: int) -> torch.Tensor:
     if spec["name"] == "input_ids":
         return torch.randint(0, min(vocab, SPECIAL_ID), spec["shape"], generator=g, dtype=torch.int64)
     return torch.randn(spec["shape"], generator=g)
+
+
+def first_running_input(model: torch.nn.Module, spec: dict) -> torch.Tensor:
+    """The example input: ``spec``'s shape, or the first of its candidate shapes the eager model
+    runs on."""
+    if "candidates" not in spec:
+        return example_input(spec, _vocab(model) if spec["name"] == "input_ids" else VOCAB)
+    last = None
+    for shape in spec["candidates"]:
+        x = example_input({**spec, "shape": shape}, VOCAB)
+        try:
+            with torch.no_grad():
+                model(x)
+            return x
+        except Exception as e:  # noqa: BLE001 - the next shape is tried
+            last = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+    raise RuntimeError(f"the model runs on none of the {len(spec['candidates'])} candidate {spec['name']} shapes (the last: {last})")
 
 
 def plan(model_type: str) -> dict:
@@ -430,7 +494,7 @@ def build(model_type: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls(config).eval()
-    x = example_input(spec, _vocab(model) if spec["name"] == "input_ids" else VOCAB)
+    x = first_running_input(model, spec)
     return model, x, {"head": auto, "model": cls.__name__, "input": spec["name"], "shape": list(x.shape)}
 
 
@@ -694,7 +758,7 @@ def child_tp(model_type: str, rec: Recorder) -> None:
 def run_child(model_type: str, tool: str, cap_s: float, mem_gb: float) -> dict:
     """One child process (this script with ``--one``); its row, with what stopped it if it was stopped."""
     env = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    return spawn_child(__file__, model_type, tool, [], cap_s, mem_gb, steps=STEPS, env=env, stop=STOP)
+    return spawn_child(__file__, model_type, tool, [], cap_s, mem_gb, steps=STEPS, env=env, stop=STOP, limit_data=True)
 
 
 def one_main(args) -> None:
@@ -830,7 +894,7 @@ def summarize(rows: list[dict]) -> dict:
         **count,
         "composite_built": sum(bool(r.get("composite")) and s["built"] for r, s in zip(rows, st)),
         "heads_built": {h: sum(r.get("head") == h and s["built"] for r, s in zip(rows, st)) for h, _ in HEAD_MAPPINGS},
-        "inputs_built": {i: sum(r.get("input") == i and s["built"] for r, s in zip(rows, st)) for i in ("input_ids", "pixel_values")},
+        "inputs_built": {i: sum(r.get("input") == i and s["built"] for r, s in zip(rows, st)) for i in ("input_ids", "pixel_values", *SIGNAL_INPUTS)},
         "qcd_only": sum(s["pruned_valid"] and not s["tp_runs"] for s in st),
         "tp_only": sum(s["tp_runs"] and not s["pruned_valid"] for s in st),
         "both_pruned": len(both),
@@ -853,8 +917,34 @@ def summarize(rows: list[dict]) -> dict:
         "tp_below_qcd_by_5pct": apart("tp", "qcd"),
         "tp_pending": sum(s["built"] and "tp" not in r for r, s in zip(rows, st)),  # an interrupted sweep: not run yet
         "tp_failing": {r["family"]: r["tp"].get("error", "?") for r, s in zip(rows, st) if s["built"] and "tp" in r and not s["tp_runs"]},
+        "tp_failing_by_kind": _kinds(r["tp"].get("error", "?") for r, s in zip(rows, st) if s["built"] and "tp" in r and not s["tp_runs"]),
+        "on_both": {  # the families both tools prune validly: time of each (qcd-fx's pass alone and end to end)
+            "median_prune_pass_s_qcd": _median(r["qcd"]["prune"]["pass_s"] for r in both),
+            "median_transform_wall_s_qcd": _median(r["qcd"]["prune"]["transform_wall_s"] for r in both),
+            "median_prune_s_tp": _median(r["tp"].get("prune_s") for r in both),
+            "pass_at_or_below_tp": sum(r["qcd"]["prune"]["pass_s"] <= r["tp"]["prune_s"] for r in both),
+            "transform_at_or_below_tp": sum(r["qcd"]["prune"]["transform_wall_s"] <= r["tp"]["prune_s"] for r in both),
+            "median_capture_s_qcd": _median(r["qcd"]["capture"].get("seconds") for r in both),
+        },
         "frozen_reasons_by_families": dict(sorted(frozen.items(), key=lambda kv: -kv[1])[:10]),
     }
+
+
+def _kinds(errors) -> dict[str, int]:
+    """Torch-Pruning's failures by kind: stopped at the time cap, its pruned model fails to run,
+    an output changed shape, else the exception its pruning raised."""
+    kinds: dict[str, int] = {}
+    for e in errors:
+        if "stopped: did not finish" in e:
+            kind = "stopped at the time cap"
+        elif e.startswith("pruned model fails"):
+            kind = "pruned model fails to run"
+        elif e.startswith("output shape changed"):
+            kind = "an output changed shape"
+        else:
+            kind = e.split(":", 1)[0].removeprefix("prune").strip() or "?"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def line(row: dict) -> str:

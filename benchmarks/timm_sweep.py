@@ -77,6 +77,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -489,10 +490,12 @@ def run_child(name: str, tool: str, config: dict | None, cap_s: float, mem_gb: f
 
 def spawn_child(
     script: str, key: str, tool: str, extra: list[str], cap_s: float, mem_gb: float, *, steps: tuple[str, ...],
-    env: dict[str, str] | None = None, stop: threading.Event | None = None,
+    env: dict[str, str] | None = None, stop: threading.Event | None = None, limit_data: bool = False,
 ) -> dict:  # fmt: skip
     """``script --one key --tool tool [extra]`` in a child process (shared by the sweeps): stopped
-    past ``cap_s`` seconds, ``mem_gb`` GiB of resident memory or when ``stop`` is set. Returns the
+    past ``cap_s`` seconds, ``mem_gb`` GiB of resident memory or when ``stop`` is set; with
+    ``limit_data`` its data segment is also limited to ``mem_gb`` (``RLIMIT_DATA``: an allocation
+    beyond it fails inside the child, and qcd-fx sees the limit before allocating). Returns the
     row the child wrote; a child that did not finish gets ``stopped`` (the stage it reached, why)
     and, for a qcd-fx step in ``steps`` or a Torch-Pruning run, a failed result for that stage."""
     fd, path = tempfile.mkstemp(prefix=f"{os.path.splitext(os.path.basename(script))[0]}.{tool}.", suffix=".json")
@@ -503,7 +506,9 @@ def spawn_child(
     t0 = time.monotonic()
     stopped = None
     with tempfile.TemporaryFile(mode="w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        limit = int(mem_gb * 2**30)
+        preexec = (lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))) if limit_data else None
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, preexec_fn=preexec)
         try:
             while child.poll() is None:
                 if stop is not None and stop.is_set():

@@ -426,3 +426,32 @@ def test_qci_refuses_gates_that_cannot_fit_before_allocating_them():
     assert any("wider than max_width=1000" in n for n in capped.report.passes[0].notes)
     with pytest.raises(ValueError, match="max_width must be > min_width"):
         QCI(max_width=5)
+
+
+def test_qci_counts_the_process_memory_limit_not_only_the_machine():
+    """Under a data limit (``ulimit -d``, as a job scheduler or a container sets) the machine's
+    free memory is not what the process can take: gates that fit the machine but not the
+    limit are refused before allocation, with the same message."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch, qcd_fx
+from torch import nn
+from qcd_fx.errors import PreconditionError
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+used = int(status["VmData"].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (used + (300 << 20), resource.RLIM_INFINITY))
+model = nn.Sequential(nn.Linear(8, 8192)).eval()
+try:
+    qcd_fx.transform(model, "qci", example_inputs=(torch.randn(2, 8),))
+    print("accepted")
+except PreconditionError as e:
+    print("refused:", e)
+low = qcd_fx.transform(model, "qci{rank=16}", example_inputs=(torch.randn(2, 8),))
+print("low rank gates:", low.report.passes[0].stats["gates"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "0.3 GB" in done.stdout and "qci{rank=16}" in done.stdout, done.stdout
+    assert "low rank gates: 1" in done.stdout

@@ -203,7 +203,16 @@ class QCI(Pass):
 
 
 def _available_bytes() -> int:
-    """Memory this process can still take: ``MemAvailable`` on Linux, else the physical memory."""
+    """Memory this process can still take: the least of the machine's (``MemAvailable`` on
+    Linux, else the physical memory), its cgroup's (a container's ``memory.max`` less what the
+    cgroup uses) and its own limits (``RLIMIT_DATA`` / ``RLIMIT_AS`` less what it holds)."""
+    candidates = [_meminfo_available()]
+    candidates.append(_cgroup_headroom())
+    candidates.append(_rlimit_headroom())
+    return min(c for c in candidates if c is not None)
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -215,3 +224,38 @@ def _available_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
+
+
+def _cgroup_headroom() -> int | None:
+    """``memory.max - memory.current`` of this process's cgroup (v2), None without a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.strip().split(":", 2)[2] for line in f if line.startswith("0::")), None)
+        if path is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as f:
+            return max(0, int(limit) - int(f.read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def _rlimit_headroom() -> int | None:
+    """The process's data / address-space limit less what it holds (``VmData`` / ``VmSize``)."""
+    try:
+        import resource
+
+        with open("/proc/self/status") as f:
+            status = {k: v for k, _, v in (line.partition(":") for line in f)}
+    except (ImportError, OSError):
+        return None
+    room = []
+    for limit_name, field in (("RLIMIT_DATA", "VmData"), ("RLIMIT_AS", "VmSize")):
+        soft = resource.getrlimit(getattr(resource, limit_name))[0]
+        if soft != resource.RLIM_INFINITY and field in status:
+            room.append(max(0, soft - int(status[field].split()[0]) * 1024))
+    return min(room) if room else None
