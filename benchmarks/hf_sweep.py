@@ -33,7 +33,11 @@ the model's ``main_input_name``, passed positionally (it must be ``forward``'s f
 parameter): ``input_ids`` int64 (2, 16) from a seeded generator in [0, 99) (99, where the special
 ids were moved, stays out of the input, so a multimodal model's image or audio placeholder token
 does not appear); ``pixel_values`` float (2, num_channels, side, side), side the configuration's
-``image_size`` when it is an int, else 32; any other input is skipped ("unsupported input").
+``image_size`` when it is an int, else 32; audio and video inputs (``input_values``,
+``input_features``, ``pixel_values_videos``) float, the first of a few candidate shapes the eager
+model runs on (``signal_shapes``: waveforms of 1,600 or 16,000 samples, with or without a
+channel axis; spectrograms with the bins the configuration names, 64 or 160 frames or its own
+length, in either layout; 2 to 16 video frames); any other input is skipped ("unsupported input").
 ``torch.manual_seed(0)`` before construction, eval mode. A family still above 100 M parameters
 after shrinking (fixed-size parts the rules do not reach) is skipped ("too large"). The plan (configuration, head class,
 input, parameter count) is made in the parent on the ``meta`` device (no memory, no weights);
