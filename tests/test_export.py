@@ -308,6 +308,34 @@ def test_parity_failure_leaves_no_file(tmp_path):
     assert not path.exists() and leftovers(tmp_path) == []
 
 
+class Noisy(nn.Module):
+    """Adds Gaussian noise in its forward (as VITS does before its flow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + 0.1 * torch.randn_like(h)
+
+
+def test_a_model_that_draws_random_numbers_is_not_called_checked(tmp_path):
+    """onnxruntime's random draws are not PyTorch's: no parity check can pass honestly (the
+    float64 judgement would compare two different draws), so the export says so instead of
+    writing a file it calls checked; unchecked, the file is written and runs."""
+    gm = qcd_fx.transform(Noisy().eval(), "qci", (torch.randn(2, 8),), capture="export").graph_module
+    path = tmp_path / "noisy.onnx"
+    with pytest.raises(ExportError, match=r"draws random numbers \(RandomNormalLike at node '.*'\).*check=False \(--no-check\).*the file was not written"):
+        export_onnx(gm, (torch.randn(2, 8),), str(path))
+    assert not path.exists() and leftovers(tmp_path) == []
+    report = export_onnx(gm, (torch.randn(2, 8),), str(path), check=False)
+    assert path.exists() and not report.checked
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: np.ones((3, 8), np.float32)})
+    assert out.shape == (3, 16)
+
+
 def test_large_weights_go_to_a_data_file_atomically(tmp_path, monkeypatch):
     from qcd_fx.export import core
 

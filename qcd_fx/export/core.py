@@ -201,6 +201,10 @@ def export_onnx(
     return report
 
 
+# ONNX operators whose values onnxruntime draws from its own generator (PyTorch's differ)
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
 def _spare_cores() -> int:
     """Cores this process may use beyond PyTorch's intra-op threads, at least one: onnxruntime's
     check runs take those while PyTorch computes the reference outputs (both on every core made
@@ -311,6 +315,13 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
             atol=atol,
             rtol=rtol,
         )
+        random_node = next((n for n in graph.node if n.op_type in _RANDOM_OPS), None)
+        if check and random_node is not None:
+            raise ExportError(
+                f"the exported {type(gm).__name__} draws random numbers ({random_node.op_type} at node '{random_node.name}'); "
+                "onnxruntime's draws differ from PyTorch's, so its outputs cannot be checked against PyTorch's; "
+                "export with check=False (--no-check) to write it unchecked; the file was not written"
+            )
         if len(onnx_inputs) != len(inputs):
             raise ExportError(
                 f"the ONNX model takes {len(onnx_inputs)} inputs, {type(gm).__name__} {len(inputs)}; non-tensor or unused inputs cannot be exported"
