@@ -611,3 +611,27 @@ def test_unfold_across_the_channels_leaves_them_alone():
     gm = result.graph_module
     assert gm.c.weight.shape == (12, 8, 1, 1) and gm.a.weight.shape[0] == 8, result.report.notes()
     assert any("unfolds windows across the channels" in n for n in result.report.notes()), result.report.notes()
+
+
+class SqueezedDepthwise(nn.Module):
+    """Mamba's causal depthwise convolution on its slow path: the ``nn.Conv1d``'s weight is
+    squeezed to (channels, kernel) and unsqueezed back for ``F.conv1d`` with ``groups`` = channels."""
+
+    def __init__(self, width=16, kernel=4):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, width), nn.Linear(width, 8)
+        self.conv = nn.Conv1d(width, width, kernel, groups=width, padding=kernel - 1)
+
+    def forward(self, x):  # (B, T, 8)
+        h = self.inp(x).transpose(1, 2)
+        w = self.conv.weight.squeeze(1)
+        h = F.conv1d(h, w.unsqueeze(1), self.conv.bias, padding=self.conv.kernel_size[0] - 1, groups=self.conv.groups)[..., : x.shape[1]]
+        return self.out(F.silu(h).transpose(1, 2))
+
+
+def test_a_depthwise_weight_squeezed_and_unsqueezed_back_is_the_parameter():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    for capture, gm in _pruned_in_both_front_ends(SqueezedDepthwise().eval(), x):
+        assert gm.get_parameter("conv.weight").shape == (8, 1, 4) and gm.get_parameter("inp.weight").shape == (8, 8), capture
+        assert gm(x).shape == (2, 6, 8)

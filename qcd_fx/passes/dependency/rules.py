@@ -372,6 +372,11 @@ def rule_unsqueeze(an: _Analyzer, node: Node) -> Info:
     if isinstance(info, ParamRef):
         axes = list(info.axes)
         axes.insert(dim, None)
+        own = tuple(range(an.tensors[info.name].dim())) if info.name in an.tensors else None
+        if own is not None and tuple(axes[:dim] + [dim] + axes[dim + 1 :]) == own and an.tensors[info.name].shape[dim] == 1:
+            # the size-1 dim a squeeze took away comes back where it was (Mamba's depthwise conv
+            # weight: ``w.squeeze(1)`` for its kernel, ``.unsqueeze(1)`` for F.conv1d): the parameter itself
+            return ParamRef(info.name, own)
         return ParamRef(info.name, tuple(axes))
     return None
 
