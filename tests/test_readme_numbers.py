@@ -589,6 +589,7 @@ def hf_claims(d: dict) -> list:
     s, rows = d["summary"], {r["family"]: r for r in d["rows"]}
     fails = {step: len(fams) for step, fams in s["failing_by_step"].items()}
     moe = ["mixtral", "qwen2_moe", "gpt_oss", "granitemoe", "olmoe"]
+    kinds, both = dict(s["tp_failing_by_kind"]), s["on_both"]
     return [
         ("every model type in transformers' `CONFIG_MAPPING_NAMES` ({} types", [s["families"]]),
         ("{} of them build from a small config and run on one input", [s["built"]]),
@@ -605,6 +606,31 @@ def hf_claims(d: dict) -> list:
             [fails.get("capture", 0), fails.get("qci", 0), fails.get("prune", 0), fails.get("onnx", 0)],
         ),
         ("Mixtral {}, Qwen2-MoE {}, gpt-oss {}, GraniteMoE {}, OLMoE {}", [rows[m]["qcd"]["prune"]["linear_macs_ratio"] for m in moe]),
+        ("({} of them audio or video models;", [sum(s["inputs_built"].get(k, 0) for k in ("input_values", "input_features", "pixel_values_videos"))]),
+        ("({} of them with `qci{rank=16}`", [s["qci_low_rank"]]),
+        (
+            "each model capped at {} s): its pruned model runs with every output's shape kept on {} of the {} types ({} of them with at least 1.8x fewer MACs)",
+            [d["meta"]["tp_time_cap_s"], s["tp_runs"], s["built"], s["tp_floor"]],
+        ),
+        (
+            "does not finish within the cap ({}), its pruned model fails to run ({}), an output changes width ({}), or its pruning raises ({}:",
+            [kinds.pop("stopped at the time cap"), kinds.pop("pruned model fails to run"), kinds.pop("an output changed shape"), sum(kinds.values())],
+        ),
+        (
+            "On the {} types both prune, the median MACs reduction is {}x (qcd-fx) vs {}x (Torch-Pruning); qcd-fx removes more than 5 % fewer MACs on {} of them",
+            [s["both_pruned"], s["median_macs_ratio_qcd_on_both"], s["median_macs_ratio_tp_on_both"], len(s["qcd_below_tp_by_5pct"])],
+        ),
+        ("Torch-Pruning on {} (on GPT-2", [len(s["tp_below_qcd_by_5pct"])]),
+        (
+            "Time on those {}: qcd-fx's pass takes a median {} s, Torch-Pruning's dependency graph and step {} s (the pass is at or below it on {} of the {});",
+            [s["both_pruned"], both["median_prune_pass_s_qcd"], both["median_prune_s_tp"], both["pass_at_or_below_tp"], s["both_pruned"]],
+        ),
+        *[(f"`{kind}` {{}}", [n]) for kind, n in kinds.items()],  # what was left after the pops above
+        ("capture (median {} s)", [both["median_capture_s_qcd"]]),
+        (
+            "a qcd-fx transform takes a median {} s, longer than Torch-Pruning's on {} of the {}",
+            [both["median_transform_wall_s_qcd"], s["both_pruned"] - both["transform_at_or_below_tp"], s["both_pruned"]],
+        ),
     ]
 
 

@@ -206,10 +206,7 @@ def _available_bytes() -> int:
     """Memory this process can still take: the least of the machine's (``MemAvailable`` on
     Linux, else the physical memory), its cgroup's (a container's ``memory.max`` less what the
     cgroup uses) and its own limits (``RLIMIT_DATA`` / ``RLIMIT_AS`` less what it holds)."""
-    candidates = [_meminfo_available()]
-    candidates.append(_cgroup_headroom())
-    candidates.append(_rlimit_headroom())
-    return min(c for c in candidates if c is not None)
+    return min(b for b in (_meminfo_available(), _cgroup_headroom(), _rlimit_headroom()) if b is not None)
 
 
 def _meminfo_available() -> int:
