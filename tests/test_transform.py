@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -441,7 +442,7 @@ from torch import nn
 from qcd_fx.errors import PreconditionError
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 used = int(status["VmData"].split()[0]) * 1024
-resource.setrlimit(resource.RLIMIT_DATA, (used + (300 << 20), resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_DATA, (used + (400 << 20), resource.RLIM_INFINITY))
 model = nn.Sequential(nn.Linear(8, 8192)).eval()
 try:
     qcd_fx.transform(model, "qci", example_inputs=(torch.randn(2, 8),))
@@ -453,5 +454,8 @@ print("low rank gates:", low.report.passes[0].stats["gates"])
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "refused:" in done.stdout and "0.3 GB" in done.stdout and "qci{rank=16}" in done.stdout, done.stdout
+    # 0.27 GB of gates against at most 0.4 GB under the limit (the machine may have far more)
+    assert re.search(r"refused: .*1 full-rank gates need 0\.3 GB.*more than half of the 0\.[1-4] GB of memory available.*qci\{rank=16\}", done.stdout), (
+        done.stdout
+    )
     assert "low rank gates: 1" in done.stdout
