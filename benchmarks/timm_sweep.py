@@ -267,6 +267,22 @@ def _top(d: dict | None, n: int = MAX_NOTES) -> dict:
     return dict(sorted((d or {}).items(), key=lambda kv: -kv[1])[:n])
 
 
+def timed_runs(run, setup=lambda: None):
+    """``run(setup())`` until TIMED_RUNS runs or TIMING_BUDGET_S seconds in all; only ``run`` is timed.
+
+    Returns the last run's result and every run's wall time (first call included).
+    """
+    walls: list[float] = []
+    while True:
+        state = setup()
+        t1 = time.perf_counter()
+        out = run(state)
+        walls.append(time.perf_counter() - t1)
+        if len(walls) >= TIMED_RUNS or sum(walls) >= TIMING_BUDGET_S:
+            return out, walls
+        del out, state
+
+
 def child_qcd(name: str, rec: Recorder) -> None:
     import qcd_fx
     from qcd_fx.analysis import count_params
@@ -304,15 +320,14 @@ def child_qcd(name: str, rec: Recorder) -> None:
     t0 = time.perf_counter()
     gm = None
     try:
-        walls, passes = [], []
-        while True:
-            t1 = time.perf_counter()
-            result = qcd_fx.transform(model, SPEC_PRUNE, example_inputs=x)  # --prune-spec
-            walls.append(time.perf_counter() - t1)
-            passes.append(result.report.passes[0].seconds)
-            if len(walls) >= TIMED_RUNS or sum(walls) >= TIMING_BUDGET_S:
-                break
-            del result
+        passes: list[float] = []
+
+        def one(_):
+            res = qcd_fx.transform(model, SPEC_PRUNE, example_inputs=x)  # --prune-spec
+            passes.append(res.report.passes[0].seconds)
+            return res
+
+        result, walls = timed_runs(one)
         report, gm = result.report, result.graph_module.eval()
         p = report.passes[0]
         entry = {
@@ -424,24 +439,22 @@ def child_tp(name: str, config: dict | None, rec: Recorder) -> None:
         tp_base_macs, _ = tp.utils.count_ops_and_params(work, x)
     except Exception:  # noqa: BLE001 - its counter is informative only
         tp_base_macs = None
-    runs: list[float] = []
+    del work
     t0 = time.perf_counter()
+
+    def one(copied):  # each run on a fresh copy (the copy is not timed); the last one is kept
+        work, num_heads = copied
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MagnitudePruner(
+                work, example_inputs=x, importance=tp.importance.MagnitudeImportance(p=1), iterative_steps=1,
+                pruning_ratio=0.5, ignored_layers=_tp_heads(work), num_heads=num_heads,
+            )  # fmt: skip
+            pruner.step()
+        return work, num_heads
+
     try:
-        while True:  # each run on a fresh copy (the copy is not timed); the last one is kept
-            if runs:
-                work, num_heads = _tp_copy(model)
-            t1 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pruner = tp.pruner.MagnitudePruner(
-                    work, example_inputs=x, importance=tp.importance.MagnitudeImportance(p=1), iterative_steps=1,
-                    pruning_ratio=0.5, ignored_layers=_tp_heads(work), num_heads=num_heads,
-                )  # fmt: skip
-                pruner.step()
-            runs.append(time.perf_counter() - t1)
-            del pruner
-            if len(runs) >= TIMED_RUNS or sum(runs) >= TIMING_BUDGET_S:
-                break
+        (work, num_heads), runs = timed_runs(one, lambda: _tp_copy(model))
         seconds = min(runs)
         row["prune_s_runs"] = runs
         for m in work.modules():  # its timm example: attention modules read these in forward
