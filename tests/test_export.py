@@ -374,6 +374,40 @@ def test_serialize_once_gives_the_bytes_of_the_full_proto():
     assert program.model_proto.SerializeToString() == expected
 
 
+def test_the_check_session_reads_the_files_weight_bytes_in_place():
+    """The checks' onnxruntime session takes the large weights as views into the file's bytes
+    (no parse, no copy): its outputs are those of a session on the whole file, bit for bit;
+    the views share the file's memory; a byte changed in one weight of the file changes them."""
+    import numpy as np
+    import onnxruntime
+
+    from qcd_fx.export import onnxruntime_session
+    from qcd_fx.export.verify import in_memory_weights
+    from qcd_fx.export.write import serialize_model
+
+    torch.manual_seed(0)
+    gm = qcd_fx.transform(digits_cnn().eval(), "qci,csc", (torch.randn(1, 1, 8, 8),)).graph_module
+    program = torch.onnx.export(gm, (torch.randn(2, 1, 8, 8),), dynamo=True, verbose=False)
+    data, hollow, large = serialize_model(program.model, 1024)
+    data = bytearray(data)  # changed below, in place
+    weights = in_memory_weights(onnx.load_model_from_string(hollow), data, large)
+    assert weights is not None and set(weights.arrays) == set(large) and len(large) > 3
+    assert all(np.shares_memory(a, np.frombuffer(data, np.uint8)) for a in weights.arrays.values())
+    assert len(weights.graph) < len(hollow) + 64 * len(large)  # the graph and a location per weight, not its bytes
+    x = {"x": np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)}
+    session = onnxruntime_session(weights)
+    feed = {session.get_inputs()[0].name: x["x"]}
+    whole = onnxruntime.InferenceSession(bytes(data), providers=["CPUExecutionProvider"]).run(None, feed)
+    in_place = session.run(None, feed)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, in_place))
+    name, array = max(weights.arrays.items(), key=lambda kv: kv[1].nbytes)
+    offset = array.ctypes.data - np.frombuffer(data, np.uint8).ctypes.data
+    data[offset : offset + array.nbytes] = bytes(array.nbytes)  # that weight zeroed in the file's bytes
+    changed = onnxruntime_session(in_memory_weights(onnx.load_model_from_string(hollow), data, large)).run(None, feed)
+    assert not all(np.array_equal(a, b) for a, b in zip(whole, changed))
+    assert all(np.array_equal(a, b) for a, b in zip(onnxruntime.InferenceSession(bytes(data), providers=["CPUExecutionProvider"]).run(None, feed), changed))
+
+
 def test_a_file_that_runs_on_the_example_batch_only_is_not_written(tmp_path, monkeypatch):
     """A file whose batch size was fixed inside the graph (TorchScript's fallback traces sizes
     read from shapes as constants) runs on the example but not on the second batch: the error

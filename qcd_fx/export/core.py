@@ -22,7 +22,7 @@ from .diagnose import _chain, _is_batch_constraint, _ort_failure, _ts_reason, _w
 from .exporters import _capture_inputs, _dynamo_export, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
 from .signature import _as_inputs, _second_batch, _value_variants, input_names, output_names
-from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, onnxruntime_session, weights_as_inputs
+from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, in_memory_weights, onnxruntime_session, weights_as_inputs
 from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer, serialize_model
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # the `onnx` extra
@@ -281,6 +281,10 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
         if proto is None:  # external weights: the graph without them
             with _timed(timings, "serialize"):
                 proto = onnx.load(target_for_checks, load_external_data=False)
+        session_model = target_for_checks
+        if check and exported.hollow:  # onnxruntime reads the large weights in place from the file's bytes
+            with _timed(timings, "serialize"):
+                session_model = in_memory_weights(proto, data, exported.hollow) or data
         graph = proto.graph
         initializer_names = {i.name for i in graph.initializer}
         checker_target = target_for_checks
@@ -343,7 +347,7 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
                     candidates.append((f"batch {b2}", _second_batch(inputs, dynamic, b2), False))
             if exporter != "dynamo" or not _values_stay_inputs():  # a trace can bake a value in; torch.export cannot
                 candidates += [(label, variant, True) for label, variant in _value_variants(inputs)]
-            background = _OnnxChecks(checker_target, target_for_checks, [c[1] for c in candidates], timings)
+            background = _OnnxChecks(checker_target, session_model, [c[1] for c in candidates], timings)
             stack.callback(background.stop)
             try:
                 batches = [(0, "example", inputs, tensor_leaves(reference))]
@@ -400,7 +404,7 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
 
 class _OnnxChecks:
     """In a background thread: ``onnx.checker`` on ``checker_target``, an onnxruntime session for
-    ``model`` (bytes or a path), and its run on each of ``batches`` (input tuples).
+    ``model`` (bytes, a path or :class:`InMemoryWeights`), and its run on each of ``batches`` (input tuples).
     :meth:`outputs` waits (``timings["checks_wait"]``) and returns one entry per batch — the
     outputs, or the exception onnxruntime raised on it — or raises the one-line
     :class:`ExportError` for a rejected file. ``timings["checker"]``, ``["session"]`` and
@@ -423,8 +427,10 @@ class _OnnxChecks:
                 onnx.checker.check_model(checker_target, full_check=True)
             stage = "session"
             with _timed(self.timings, "session"):
-                # it runs beside PyTorch's forwards: the cores PyTorch's threads leave (at least one)
-                session = onnxruntime_session(model, threads=_spare_cores(), spinning=False)
+                # it runs beside PyTorch's forwards: the cores PyTorch's threads leave (at least one);
+                # for a few runs, repacking the weights at the start costs more than it saves (ViT-B/16
+                # after qci,csc: 0.8 s more to start, 0.15 s less per image)
+                session = onnxruntime_session(model, threads=_spare_cores(), spinning=False, prepack=False)
         except BaseException as e:  # re-raised by outputs()
             self.failure = (stage, e)
             return

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from ..errors import ExportError
 
@@ -245,9 +245,9 @@ def serialize_model(model, limit: int = 1024) -> tuple[bytes, bytes, frozenset[s
     return b"".join(pieces), hollow, frozenset(v.name for v, _ in swapped)
 
 
-def _splice_tensor(buf: bytes, start: int, end: int, weights: dict) -> list | None:
-    """The pieces of a TensorProto (``buf[start:end]``) with its empty ``raw_data`` replaced by
-    the weight's bytes, or None if it is not one of ``weights`` (removed from it when found)."""
+def _tensor_fields(buf: bytes, start: int, end: int) -> tuple[str | None, tuple[int, int, int] | None]:
+    """A serialized TensorProto's (``buf[start:end]``) name and where its ``raw_data`` field
+    lies: (field start, payload start, end), or None."""
     name = raw = None
     for number, wire, field_start, payload, field_end in _fields(buf, start, end):
         if wire != _LEN:
@@ -255,8 +255,31 @@ def _splice_tensor(buf: bytes, start: int, end: int, weights: dict) -> list | No
         if number == _TENSOR_NAME:
             name = bytes(buf[payload:field_end]).decode()
         elif number == _TENSOR_RAW_DATA:
-            raw = (field_start, field_end)
+            raw = (field_start, payload, field_end)
+    return name, raw
+
+
+def _splice_tensor(buf: bytes, start: int, end: int, weights: dict) -> list | None:
+    """The pieces of a TensorProto (``buf[start:end]``) with its empty ``raw_data`` replaced by
+    the weight's bytes, or None if it is not one of ``weights`` (removed from it when found)."""
+    name, raw = _tensor_fields(buf, start, end)
     if name not in weights or raw is None:
         return None
     data = _raw_bytes(weights.pop(name))
-    return [buf[start : raw[0]], _len_field(_TENSOR_RAW_DATA, len(data) if isinstance(data, bytes) else data.nbytes), data, buf[raw[1] : end]]
+    return [buf[start : raw[0]], _len_field(_TENSOR_RAW_DATA, len(data) if isinstance(data, bytes) else data.nbytes), data, buf[raw[2] : end]]
+
+
+def initializer_spans(data: bytes, names: Collection[str]) -> dict[str, tuple[int, int]]:
+    """Where the ``raw_data`` of each top-level initializer in ``names`` lies in the serialized
+    model ``data``: name -> (offset, length), read from ``data``'s own framing (model, graph,
+    tensor fields; the payloads are skipped, not read)."""
+    spans: dict[str, tuple[int, int]] = {}
+    for number, wire, _, payload, end in _fields(data):
+        if number != _MODEL_GRAPH or wire != _LEN:
+            continue
+        for g_number, g_wire, _, g_payload, g_end in _fields(data, payload, end):
+            if g_number == _GRAPH_INITIALIZER and g_wire == _LEN:
+                name, raw = _tensor_fields(data, g_payload, g_end)
+                if name in names and raw is not None:
+                    spans[name] = (raw[1], raw[2] - raw[1])
+    return spans
