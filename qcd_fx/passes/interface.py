@@ -230,7 +230,11 @@ def _cgroup_headroom() -> int | None:
             path = next((line.strip().split(":", 2)[2] for line in f if line.startswith("0::")), None)
         if path is None:
             return None
-        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        with open("/proc/self/mountinfo") as f:  # where cgroup v2 is mounted (hybrid systems: not /sys/fs/cgroup itself)
+            root = next((line.split()[4] for line in f if line.partition(" - ")[2].split()[:1] == ["cgroup2"]), None)
+        if root is None:
+            return None
+        base = os.path.join(root, path.lstrip("/"))
         with open(os.path.join(base, "memory.max")) as f:
             limit = f.read().strip()
         if limit == "max":
