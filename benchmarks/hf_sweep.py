@@ -985,12 +985,23 @@ def output_path(out: str) -> str:
     return out if out.endswith(".json") else out + ".json"
 
 
+def _rounded(x):
+    """``x`` with every float to 6 significant digits (timings and errors; keeps the file under 1 MB)."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def write(path: str, meta: dict, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # one line, and the plans without their config overrides (``small_overrides`` derives them
     # again; nothing reads them back): every family of transformers fits in well under 1 MB
     plans = {f: {k: v for k, v in p.items() if k != "config"} for f, p in meta.get("selection", {}).items()}
-    data = {"meta": {**meta, "selection": plans}, "summary": summarize(rows), "rows": rows}
+    data = _rounded({"meta": {**meta, "selection": plans}, "summary": summarize(rows), "rows": rows})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, separators=(",", ":"))
