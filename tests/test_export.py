@@ -408,6 +408,59 @@ def test_the_check_session_reads_the_files_weight_bytes_in_place():
     assert all(np.array_equal(a, b) for a, b in zip(onnxruntime.InferenceSession(bytes(data), providers=["CPUExecutionProvider"]).run(None, feed), changed))
 
 
+def test_the_serialized_pieces_read_as_the_files_bytes_and_hold_the_weights_in_place():
+    """serialized_pieces: the pieces joined are the file's bytes; read in place (index, slice,
+    the framing's spans) they give the same values as the joined bytes; a contiguous weight's
+    piece is a view of the tensor's own memory (no copy); the check session built on the pieces
+    computes what a session on the joined bytes does, bit for bit."""
+    from qcd_fx.export import onnxruntime_session
+    from qcd_fx.export.verify import in_memory_weights
+    from qcd_fx.export.write import initializer_spans, serialize_model, serialized_pieces
+
+    torch.manual_seed(0)
+    gm = qcd_fx.transform(digits_cnn().eval(), "qci,csc", (torch.randn(1, 1, 8, 8),)).graph_module
+    program = torch.onnx.export(gm, (torch.randn(2, 1, 8, 8),), dynamo=True, verbose=False)
+    pieces, hollow, large = serialized_pieces(program.model, 1024)
+    data = pieces.join()
+    assert (data, hollow, large) == serialize_model(program.model, 1024) and len(pieces) == len(data) and len(large) > 3
+    rng = np.random.default_rng(0)
+    for a in rng.integers(0, len(data), 200):
+        b = int(a + rng.integers(0, 5000))
+        assert pieces[int(a)] == data[int(a)] and pieces[int(a) : b] == data[int(a) : b]
+    assert initializer_spans(pieces, large) == initializer_spans(data, large)
+    tensors = {v.name: v.const_value for v in program.model.graph.initializers.values() if v.name in large}
+    shared = [n for n, t in tensors.items() if isinstance(t.raw, torch.Tensor) and t.raw.is_contiguous()]
+    weights = in_memory_weights(onnx.load_model_from_string(hollow), pieces, large)
+    assert shared and all(np.shares_memory(weights.arrays[n], tensors[n].raw.detach().numpy()) for n in shared)
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 1, 8, 8), dtype=np.float32)}
+    whole = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feed = {whole.get_inputs()[0].name: feed["x"]}
+    assert all(np.array_equal(a, b) for a, b in zip(whole.run(None, feed), onnxruntime_session(weights).run(None, feed)))
+    with pytest.raises(IndexError):
+        pieces[len(data)]
+
+
+def test_the_check_runs_are_shared_and_come_back_in_order():
+    """_OnnxChecks runs its batches largest first, on its thread and the caller's: each output
+    still belongs to its own batch, and a batch onnxruntime rejects gives its exception in place."""
+    from qcd_fx.export.core import _OnnxChecks
+
+    gm = digits_cnn().eval()
+    path_bytes = torch.onnx.export(
+        gm, (torch.randn(2, 1, 8, 8),), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},)
+    ).model_proto.SerializeToString()
+    batches = [(torch.randn(b, 1, 8, 8),) for b in (1, 5, 2, 7, 3)] + [(torch.randn(2, 1, 9, 9),)]
+    timings: dict[str, float] = {}
+    checks = _OnnxChecks(path_bytes, path_bytes, batches, timings)
+    outputs = checks.outputs(gm, None)
+    with torch.no_grad():
+        for (x,), got in list(zip(batches, outputs))[:-1]:
+            assert torch.allclose(torch.from_numpy(got[0]), gm(x), atol=1e-5)
+    assert isinstance(outputs[-1], Exception)  # a wrong spatial size: onnxruntime's own error, in its place
+    assert {"checker", "session", "onnxruntime", "checks_wait"} <= set(timings)
+    assert not checks.thread.is_alive() and checks.session is None
+
+
 def test_a_file_that_runs_on_the_example_batch_only_is_not_written(tmp_path, monkeypatch):
     """A file whose batch size was fixed inside the graph (TorchScript's fallback traces sizes
     read from shapes as constants) runs on the example but not on the second batch: the error

@@ -37,12 +37,14 @@ Where the time goes: ``benchmarks/onnx_export.py`` measures every phase — torc
 (function registry, ``torch.export`` capture, decomposition, translation, onnxscript optimizer)
 and qcd-fx's own (serialize, write, checker, onnxruntime session and runs, reference forwards);
 results in ``benchmarks/results/onnx_export.json`` and the README. The model is serialized once,
-with one copy of the weights (their bytes are spliced into the serialized graph; byte for byte
-what ``model_proto.SerializeToString()`` gives, see :func:`.write.serialize_model`); those bytes
-feed the file and onnxruntime (nothing is re-read from disk), and the checker gets the graph with
-the large weights as typed inputs. The file is written in a thread while the checks run, and
-``onnx.checker``, the onnxruntime session and onnxruntime's runs go to another while PyTorch
-computes the reference outputs (the outputs are compared in order afterwards). What remains is the checks themselves: PyTorch and onnxruntime each run the example
+as pieces: the graph's framing and views of the weights' own memory (copied, by several threads,
+only where it is laid out otherwise, e.g. transposed); joined, byte for byte what
+``model_proto.SerializeToString()`` gives (see :func:`.write.serialize_model`). The pieces feed
+the file and onnxruntime's check session, which reads the weights in place (nothing is joined or
+re-read from disk); the checker gets the graph with the large weights as typed inputs. The file
+is written in a thread while the checks run; ``onnx.checker``, the onnxruntime session and
+onnxruntime's runs go to another while PyTorch computes the reference outputs, and the runs not
+started by then are shared by both threads (the outputs are compared in order afterwards). What remains is the checks themselves: PyTorch and onnxruntime each run the example
 and a second batch size (and three value variants on a TorchScript file), and onnxruntime builds
 its session from the full weights.
 One exporter cost is cut here: onnxscript's ``SlicesSplit`` rewrite costs O(nodes^2) even on

@@ -23,7 +23,7 @@ from .exporters import _capture_inputs, _dynamo_export, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
 from .signature import _as_inputs, _second_batch, _value_variants, input_names, output_names
 from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, in_memory_weights, onnxruntime_session, weights_as_inputs
-from .write import _PROTO_LIMIT, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer, serialize_model
+from .write import _PROTO_LIMIT, Pieces, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer, serialized_pieces
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # the `onnx` extra
 _CHECKER_LIMIT = 1024  # initializers above this many bytes reach onnx.checker as typed inputs (see weights_as_inputs)
@@ -83,9 +83,10 @@ def export_onnx(
     Returns:
         An :class:`ExportReport`. ``timings`` holds seconds per step: ``reference`` (eager
         forwards), ``export``, ``serialize``, ``write``, ``checker``, ``session`` (onnxruntime
-        session creation), ``onnxruntime`` (runs) and ``compare``. ``write`` runs in a thread
-        while the checks run; ``checker``, ``session`` and ``onnxruntime`` in another while
-        the reference forwards run; ``write_wait`` and ``checks_wait`` are the waits for them.
+        session creation), ``onnxruntime`` (runs, added up over the threads that ran them) and
+        ``compare``. ``write`` runs in a thread while the checks run; ``checker``, ``session``
+        and ``onnxruntime`` in another while the reference forwards run, and the runs left when
+        those are done are shared with it; ``write_wait`` and ``checks_wait`` are the waits.
         qcd-fx's own wall time is ``total_seconds - export_seconds``.
 
     Raises:
@@ -157,7 +158,7 @@ def export_onnx(
                     proto = data = None
                     if not external:
                         # the file's bytes, and the graph without the large weights' bytes (for the checks)
-                        data, hollow, hollow_weights = serialize_model(program.model, _CHECKER_LIMIT)
+                        data, hollow, hollow_weights = serialized_pieces(program.model, _CHECKER_LIMIT)
                         proto = onnx.load_model_from_string(hollow)
             else:
                 tmp_dir = tempfile.mkdtemp(prefix=".qcd_fx_onnx.", dir=_directory(path))
@@ -185,8 +186,8 @@ def export_onnx(
                             f"the TorchScript exporter wrote {model_name} with external weights, which qcd-fx does not verify; reduce the model or fix the dynamo export ({fallback_reason})"
                         )
                     with open(ts_path, "rb") as f:
-                        data = f.read()
-                    proto = onnx.load_model_from_string(data)
+                        data = Pieces([f.read()])
+                    proto = onnx.load_model_from_string(data.join())
 
             exported = _Serialized(program, proto, data, external, exporter, hollow_weights)
             checks = _CheckOptions(check, check_batch, atol, rtol, float64_factor)
@@ -236,7 +237,7 @@ class _Serialized:
 
     program: Any
     proto: Any
-    data: bytes | None
+    data: Pieces | None  # the file's bytes
     external: bool
     exporter: str
     hollow: frozenset[str] = frozenset()  # initializers whose bytes ``proto`` leaves out (they are in ``data``)
@@ -258,7 +259,7 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
 
     with contextlib.ExitStack() as stack:
         # 1. write (to a temporary name beside the target; renamed only after the checks pass)
-        target_for_checks: bytes | str
+        target_for_checks: Pieces | str
         if path is None and not external:
             file_bytes = len(data)
             target_for_checks = data
@@ -282,9 +283,9 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
             with _timed(timings, "serialize"):
                 proto = onnx.load(target_for_checks, load_external_data=False)
         session_model = target_for_checks
-        if check and exported.hollow:  # onnxruntime reads the large weights in place from the file's bytes
-            with _timed(timings, "serialize"):
-                session_model = in_memory_weights(proto, data, exported.hollow) or data
+        if check and data is not None:
+            with _timed(timings, "serialize"):  # onnxruntime reads the large weights in place from the file's pieces
+                session_model = (in_memory_weights(proto, data, exported.hollow) if exported.hollow else None) or data.join()
         graph = proto.graph
         initializer_names = {i.name for i in graph.initializer}
         checker_target = target_for_checks
@@ -403,22 +404,34 @@ def _write_and_check(exported: _Serialized, path, gm, inputs, reference, names_i
 
 
 class _OnnxChecks:
-    """In a background thread: ``onnx.checker`` on ``checker_target``, an onnxruntime session for
-    ``model`` (bytes, a path or :class:`InMemoryWeights`), and its run on each of ``batches`` (input tuples).
-    :meth:`outputs` waits (``timings["checks_wait"]``) and returns one entry per batch — the
+    """``onnx.checker`` on ``checker_target``, an onnxruntime session for ``model`` (bytes, a path
+    or :class:`InMemoryWeights`) and its run on each of ``batches`` (input tuples), in a
+    background thread that starts at once; the caller joins in with :meth:`outputs` when its own
+    work (PyTorch's reference forwards) is done: the runs nobody has started yet are then taken
+    by both threads, largest first (onnxruntime's ``run`` may be called from several threads;
+    each call computes on its own thread). :meth:`outputs` returns one entry per batch — the
     outputs, or the exception onnxruntime raised on it — or raises the one-line
     :class:`ExportError` for a rejected file. ``timings["checker"]``, ``["session"]`` and
-    ``["onnxruntime"]`` are the thread's own seconds (they overlap the reference forwards)."""
+    ``["onnxruntime"]`` are seconds of work (the runs of both threads added up; they overlap the
+    reference forwards); ``["checks_wait"]`` is the caller's wait for the session and for the
+    runs it did not take."""
 
     def __init__(self, checker_target, model, batches: list[tuple], timings: dict[str, float]):
         self.timings = timings
-        self.results: list = []
+        self.batches = batches
+        self.results: list = [None] * len(batches)
+        # largest first: the thread starts on the longest run, the caller takes what is left
+        self.order = sorted(range(len(batches)), key=lambda i: -sum(t.numel() for t in batches[i]))
+        self.taken = 0
+        self.lock = threading.Lock()
+        self.session = None
         self.failure: tuple[str, BaseException] | None = None
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(checker_target, model, batches), name="qcd_fx-onnx-checks", daemon=True)
+        self.started = threading.Event()  # the session exists, or making it failed
+        self.thread = threading.Thread(target=self._run, args=(checker_target, model), name="qcd_fx-onnx-checks", daemon=True)
         self.thread.start()
 
-    def _run(self, checker_target, model, batches) -> None:
+    def _run(self, checker_target, model) -> None:
         import onnx
 
         stage = "checker"
@@ -430,29 +443,43 @@ class _OnnxChecks:
                 # it runs beside PyTorch's forwards: the cores PyTorch's threads leave (at least one);
                 # for a few runs, repacking the weights at the start costs more than it saves (ViT-B/16
                 # after qci,csc: 0.8 s more to start, 0.15 s less per image)
-                session = onnxruntime_session(model, threads=_spare_cores(), spinning=False, prepack=False)
+                self.session = onnxruntime_session(model, threads=_spare_cores(), spinning=False, prepack=False)
         except BaseException as e:  # re-raised by outputs()
             self.failure = (stage, e)
             return
-        try:
-            for batch_inputs in batches:
-                if self.stopping.is_set():
-                    return
-                with _timed(self.timings, "onnxruntime"):
-                    try:
-                        self.results.append(session.run(None, _feed(session, batch_inputs)))
-                    except Exception as e:  # reported when its batch is compared
-                        self.results.append(e)
         finally:
-            del session
+            self.started.set()
+        self._take_runs()
+
+    def _take_runs(self) -> None:
+        session = self.session
+        while True:
+            with self.lock:
+                if self.stopping.is_set() or self.taken == len(self.order):
+                    return
+                i = self.order[self.taken]
+                self.taken += 1
+            t0 = time.perf_counter()
+            try:
+                self.results[i] = session.run(None, _feed(session, self.batches[i]))
+            except Exception as e:  # reported when its batch is compared
+                self.results[i] = e
+            with self.lock:
+                self.timings["onnxruntime"] = self.timings.get("onnxruntime", 0.0) + time.perf_counter() - t0
 
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join()
+        self.session = None
 
     def outputs(self, gm, proto) -> list:
         with _timed(self.timings, "checks_wait"):
+            self.started.wait()
+        if self.session is not None:
+            self._take_runs()  # beside the thread
+        with _timed(self.timings, "checks_wait"):
             self.thread.join()
+        self.session = None
         if self.failure is not None:
             stage, e = self.failure
             if stage == "checker":

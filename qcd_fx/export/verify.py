@@ -66,18 +66,19 @@ class InMemoryWeights:
     arrays: dict[str, Any]
 
 
-def in_memory_weights(proto, data: bytes, names: Collection[str]) -> InMemoryWeights | None:
-    """The model ``data`` (serialized; ``proto`` is the same model with the ``raw_data`` of the
-    initializers in ``names`` left empty) for an onnxruntime session that reads those weights in
-    place from ``data``, at the offsets ``data``'s own framing gives — byte for byte the file's
-    weights, without onnxruntime parsing and copying them (ViT-B/16 after ``qci,csc``: 835 MB).
-    None where a weight's type has no numpy equivalent (then the session loads ``data``)."""
+def in_memory_weights(proto, data, names: Collection[str]) -> InMemoryWeights | None:
+    """The model ``data`` (serialized: bytes-like or :class:`~qcd_fx.export.write.Pieces`;
+    ``proto`` is the same model with the ``raw_data`` of the initializers in ``names`` left
+    empty) for an onnxruntime session that reads those weights in place from ``data``, at the
+    offsets ``data``'s own framing gives — byte for byte the file's weights, without
+    onnxruntime parsing and copying them (ViT-B/16 after ``qci,csc``: 835 MB). None where a
+    weight's type has no numpy equivalent (then the session loads ``data``)."""
     import math
 
     import numpy as np
     import onnx
 
-    from .write import initializer_spans
+    from .write import Pieces, initializer_spans
 
     spans = initializer_spans(data, names)
     model = onnx.ModelProto()
@@ -96,7 +97,11 @@ def in_memory_weights(proto, data: bytes, names: Collection[str]) -> InMemoryWei
             raise ExportError(
                 f"internal error serializing the ONNX model: initializer '{init.name}' holds {length} bytes, its shape {list(init.dims)} needs {count * dtype.itemsize}"
             )
-        arrays[init.name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(tuple(init.dims))
+        if isinstance(data, Pieces):
+            array = np.frombuffer(data.view(offset, length), dtype=dtype, count=count)
+        else:
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        arrays[init.name] = array.reshape(tuple(init.dims))
         init.ClearField("raw_data")
         init.data_location = onnx.TensorProto.EXTERNAL
         del init.external_data[:]

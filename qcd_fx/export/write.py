@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 from ..errors import ExportError
 
@@ -29,19 +29,21 @@ def _initializer_bytes(program) -> int:
 
 
 class _Writer:
-    """Write ``data`` to ``path`` in a background thread; :meth:`join` waits and re-raises."""
+    """Write ``pieces`` (bytes-like, in order) to ``path`` in a background thread; :meth:`join`
+    waits and re-raises."""
 
-    def __init__(self, path: str, data: bytes, timings: dict[str, float]):
+    def __init__(self, path: str, pieces: Sequence, timings: dict[str, float]):
         self.error: BaseException | None = None
         self.timings = timings
-        self.thread = threading.Thread(target=self._run, args=(path, data), name="qcd_fx-onnx-write", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(path, pieces), name="qcd_fx-onnx-write", daemon=True)
         self.thread.start()
 
-    def _run(self, path: str, data: bytes) -> None:
+    def _run(self, path: str, pieces: Sequence) -> None:
         t0 = time.perf_counter()
         try:
             with open(path, "wb") as f:
-                f.write(data)
+                for piece in pieces:
+                    f.write(piece)
         except BaseException as e:  # re-raised in join()
             self.error = e
         self.seconds = time.perf_counter() - t0
@@ -85,7 +87,9 @@ def _scratch_with_data() -> Iterator[str]:
 # ``qci,csc``: 835 MB each) before a byte reaches the file. :func:`serialize_model` serializes
 # the graph with the large weights' ``raw_data`` left empty, then splices each weight's bytes in
 # at the protobuf wire level: the same bytes ``SerializeToString`` produces (field order and
-# all), with one copy of the weights (the final join).
+# all). :func:`serialized_pieces` keeps them as pieces — the framing, and views of the weights'
+# own memory (copied only where that is laid out otherwise, e.g. transposed) — which the file
+# writer and onnxruntime's check session read in place: no joined copy of the weights.
 
 _LEN = 2  # protobuf wire type of length-delimited fields
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9  # onnx.proto field numbers
@@ -202,7 +206,17 @@ def serialize_model(model, limit: int = 1024) -> tuple[bytes, bytes, frozenset[s
     Returns ``(data, hollow, large)``: ``data`` is the whole model, byte for byte what
     ``onnx_ir.serde.serialize_model(model).SerializeToString()`` gives; ``hollow`` is the same
     model whose top-level initializers above ``limit`` bytes (named in ``large``) have empty
-    ``raw_data`` — kilobytes, for the structure checks. The model is left as it was."""
+    ``raw_data`` — kilobytes, for the structure checks. The model is left as it was.
+    :func:`serialized_pieces` gives ``data`` without joining it."""
+    pieces, hollow, large = serialized_pieces(model, limit)
+    return pieces.join(), hollow, large
+
+
+def serialized_pieces(model, limit: int = 1024) -> tuple[Pieces, bytes, frozenset[str]]:
+    """:func:`serialize_model`'s ``data`` as :class:`Pieces`: the graph's framing and, for each
+    large weight, a view of its own bytes (a copy only where its memory is not laid out as the
+    file's, e.g. a transposed weight; those copies are made by several threads, see
+    :func:`_copy_workers`)."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -219,9 +233,9 @@ def serialize_model(model, limit: int = 1024) -> tuple[bytes, bytes, frozenset[s
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
-    weights = {value.name: tensor for value, tensor in swapped}
-    if not weights:
-        return hollow, hollow, frozenset()
+    if not swapped:
+        return Pieces([hollow]), hollow, frozenset()
+    weights = _all_raw_bytes({value.name: tensor for value, tensor in swapped})
 
     pieces: list = []  # model bytes, in order
     for number, wire, field_start, payload, end in _fields(hollow):
@@ -236,13 +250,87 @@ def serialize_model(model, limit: int = 1024) -> tuple[bytes, bytes, frozenset[s
             if tensor_pieces is None:
                 graph_pieces.append(hollow[g_start:g_end])
             else:
-                length = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor_pieces)
-                graph_pieces += [_len_field(_GRAPH_INITIALIZER, length), *tensor_pieces]
-        length = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in graph_pieces)
-        pieces += [_len_field(_MODEL_GRAPH, length), *graph_pieces]
+                graph_pieces += [_len_field(_GRAPH_INITIALIZER, sum(map(_nbytes, tensor_pieces))), *tensor_pieces]
+        pieces += [_len_field(_MODEL_GRAPH, sum(map(_nbytes, graph_pieces))), *graph_pieces]
     if weights:  # every swapped weight is spliced in exactly once
         raise ExportError(f"internal error serializing the ONNX model: initializers {sorted(weights)[:3]} not found in the graph")
-    return b"".join(pieces), hollow, frozenset(v.name for v, _ in swapped)
+    return Pieces(pieces), hollow, frozenset(v.name for v, _ in swapped)
+
+
+def _nbytes(piece) -> int:
+    return len(piece) if isinstance(piece, bytes) else piece.nbytes
+
+
+def _copy_workers() -> int:
+    """Threads for the weights' copies: the cores this process may use over PyTorch's intra-op
+    threads (each copy runs on those), one to four."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // max(1, torch.get_num_threads())))
+
+
+def _all_raw_bytes(tensors: dict) -> dict:
+    """:func:`_raw_bytes` of each tensor (name -> buffer); the copies run in parallel (PyTorch
+    releases the GIL while it copies)."""
+    workers = min(_copy_workers(), len(tensors))
+    if workers <= 1:
+        return {name: _raw_bytes(t) for name, t in tensors.items()}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="qcd_fx-onnx-bytes") as pool:
+        return dict(zip(tensors, pool.map(_raw_bytes, tensors.values())))
+
+
+class Pieces:
+    """A serialized model held as its pieces in order (bytes and views of the weights' memory),
+    read as one buffer: indexing and slicing give the joined bytes' values, :meth:`view` a
+    zero-copy view of a range inside one piece, :meth:`join` the bytes."""
+
+    def __init__(self, pieces: Sequence):
+        import itertools
+
+        self.pieces = list(pieces)
+        self.starts = list(itertools.accumulate(map(_nbytes, self.pieces), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+    def _piece(self, pos: int) -> int:
+        import bisect
+
+        return bisect.bisect_right(self.starts, pos) - 1
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(len(self))
+            out = bytearray()
+            while start < stop:
+                i = self._piece(start)
+                end = min(stop, self.starts[i + 1])
+                out += memoryview(self.pieces[i]).cast("B")[start - self.starts[i] : end - self.starts[i]]
+                start = end
+            return bytes(out)
+        if not 0 <= key < len(self):
+            raise IndexError(key)
+        i = self._piece(key)
+        return memoryview(self.pieces[i]).cast("B")[key - self.starts[i]]
+
+    def view(self, offset: int, length: int) -> memoryview:
+        i = self._piece(offset)
+        start = offset - self.starts[i]
+        if i >= len(self.pieces) or start + length > self.starts[i + 1] - self.starts[i]:
+            raise ExportError(f"internal error serializing the ONNX model: bytes {offset}..{offset + length} span two pieces")
+        return memoryview(self.pieces[i]).cast("B")[start : start + length]
+
+    def join(self) -> bytes:
+        return self.pieces[0] if len(self.pieces) == 1 and isinstance(self.pieces[0], bytes) else b"".join(self.pieces)
 
 
 def _tensor_fields(buf: bytes, start: int, end: int) -> tuple[str | None, tuple[int, int, int] | None]:
@@ -261,15 +349,16 @@ def _tensor_fields(buf: bytes, start: int, end: int) -> tuple[str | None, tuple[
 
 def _splice_tensor(buf: bytes, start: int, end: int, weights: dict) -> list | None:
     """The pieces of a TensorProto (``buf[start:end]``) with its empty ``raw_data`` replaced by
-    the weight's bytes, or None if it is not one of ``weights`` (removed from it when found)."""
+    the weight's bytes (``weights``: name -> buffer), or None if it is not one of ``weights``
+    (removed from it when found)."""
     name, raw = _tensor_fields(buf, start, end)
     if name not in weights or raw is None:
         return None
-    data = _raw_bytes(weights.pop(name))
-    return [buf[start : raw[0]], _len_field(_TENSOR_RAW_DATA, len(data) if isinstance(data, bytes) else data.nbytes), data, buf[raw[2] : end]]
+    data = weights.pop(name)
+    return [buf[start : raw[0]], _len_field(_TENSOR_RAW_DATA, _nbytes(data)), data, buf[raw[2] : end]]
 
 
-def initializer_spans(data: bytes, names: Collection[str]) -> dict[str, tuple[int, int]]:
+def initializer_spans(data: bytes | Pieces, names: Collection[str]) -> dict[str, tuple[int, int]]:
     """Where the ``raw_data`` of each top-level initializer in ``names`` lies in the serialized
     model ``data``: name -> (offset, length), read from ``data``'s own framing (model, graph,
     tensor fields; the payloads are skipped, not read)."""
