@@ -41,7 +41,7 @@ def _optimizer(name, params):
 EPOCHS = {"mlp": 10, "cnn": 10}
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])  # the CNN: ~2 min here, `-m slow`
 def test_every_optimizer_trains_a_qci_digits_model_to_95_percent(kind):
     results = {}
     for name in ("cce", "qimad", "adam", "sgd"):
