@@ -23,7 +23,7 @@ from .exporters import _capture_inputs, _dynamo_export, _torchscript_export
 from .report import DEFAULT_ATOL, DEFAULT_RTOL, ExportReport
 from .signature import _as_inputs, _second_batch, _value_variants, input_names, output_names
 from .verify import FLOAT64_FACTOR, Float64Reference, _feed, compare_outputs, in_memory_weights, onnxruntime_session, weights_as_inputs
-from .write import _PROTO_LIMIT, Pieces, _atomic_with_data, _directory, _initializer_bytes, _scratch_with_data, _Writer, serialized_pieces
+from .write import _PROTO_LIMIT, Pieces, _atomic_with_data, _cores, _directory, _initializer_bytes, _scratch_with_data, _Writer, serialized_pieces
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # the `onnx` extra
 _CHECKER_LIMIT = 1024  # initializers above this many bytes reach onnx.checker as typed inputs (see weights_as_inputs)
@@ -210,11 +210,7 @@ def _spare_cores() -> int:
     """Cores this process may use beyond PyTorch's intra-op threads, at least one: onnxruntime's
     check runs take those while PyTorch computes the reference outputs (both on every core made
     the two fight for them: PyTorch's forwards took ~1.7x longer on ViT-B/16)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - torch.get_num_threads())
+    return max(1, _cores() - torch.get_num_threads())
 
 
 def _values_stay_inputs() -> bool:

@@ -80,6 +80,8 @@ def in_memory_weights(proto, data, names: Collection[str]) -> InMemoryWeights | 
 
     from .write import Pieces, initializer_spans
 
+    if not isinstance(data, Pieces):
+        data = Pieces([data])
     spans = initializer_spans(data, names)
     model = onnx.ModelProto()
     model.CopyFrom(proto)
@@ -97,11 +99,7 @@ def in_memory_weights(proto, data, names: Collection[str]) -> InMemoryWeights | 
             raise ExportError(
                 f"internal error serializing the ONNX model: initializer '{init.name}' holds {length} bytes, its shape {list(init.dims)} needs {count * dtype.itemsize}"
             )
-        if isinstance(data, Pieces):
-            array = np.frombuffer(data.view(offset, length), dtype=dtype, count=count)
-        else:
-            array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-        arrays[init.name] = array.reshape(tuple(init.dims))
+        arrays[init.name] = np.frombuffer(data.view(offset, length), dtype=dtype, count=count).reshape(tuple(init.dims))
         init.ClearField("raw_data")
         init.data_location = onnx.TensorProto.EXTERNAL
         del init.external_data[:]

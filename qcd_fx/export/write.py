@@ -258,7 +258,15 @@ def serialized_pieces(model, limit: int = 1024) -> tuple[Pieces, bytes, frozense
 
 
 def _nbytes(piece) -> int:
-    return len(piece) if isinstance(piece, bytes) else piece.nbytes
+    return piece.nbytes if isinstance(piece, memoryview) else len(piece)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _copy_workers() -> int:
@@ -266,11 +274,7 @@ def _copy_workers() -> int:
     threads (each copy runs on those), one to four."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores // max(1, torch.get_num_threads())))
+    return max(1, min(4, _cores() // max(1, torch.get_num_threads())))
 
 
 def _all_raw_bytes(tensors: dict) -> dict:
